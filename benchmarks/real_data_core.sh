@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Real-data runs behind docs/benchmarks.md (issue 2): SA-UNet and U-Net on usgra-seg, nerve label 1,
+# 5-fold split by image (seed 0), validation fold 0 held out from training and evaluated at the
+# original resolution. Resumable: rerunning continues unfinished runs and skips finished ones.
+# Usage: bash benchmarks/real_data_core.sh [DATA] [OUT]
+set -euo pipefail
+DATA=${1:-../shared/data/usgra-seg}
+OUT=${2:-runs/core}
+mkdir -p "$OUT"
+
+run() {  # name, then train arguments
+  local name=$1; shift
+  local dir="$OUT/$name"
+  local resume=()
+  [ -f "$dir/config.json" ] && resume=(--resume)
+  if [ ! -f "$dir/eval/metrics.json" ]; then
+    local t0=$(date +%s)
+    nerveseg train --data "$DATA" --label 1 --folds 5 --fold 0 --seed 0 --quiet --out "$dir" "${resume[@]}" "$@"
+    echo "$name train_seconds $(( $(date +%s) - t0 ))" | tee -a "$OUT/timings.txt"
+    nerveseg evaluate --model "$dir" --data "$DATA" --subset val --out "$dir/eval" --quiet
+  fi
+}
+
+# E1: the paper's recipe as given (constant Adam 5e-4, batch 4, shear only), 256x256, 30 epochs
+run sa_unet_paper_256_e30 --arch sa_unet --size 256 --epochs 30
+# E2: longer, cosine-annealed, flips + intensity augmentation
+run sa_unet_cos_256_e60_aug --arch sa_unet --size 256 --epochs 60 --schedule cosine --augment shear,hflip,gamma,contrast
+# E3: the U-Net baseline under E2's recipe
+run unet_cos_256_e60_aug --arch unet --size 256 --epochs 60 --schedule cosine --augment shear,hflip,gamma,contrast
+# E4: larger input
+run sa_unet_cos_384_e40_aug --arch sa_unet --size 384 --epochs 40 --schedule cosine --augment shear,hflip,gamma,contrast

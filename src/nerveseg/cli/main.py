@@ -1,0 +1,171 @@
+"""``nerveseg`` command line: each command parses arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..errors import NerveSegError
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from ..models import count_gflops, count_parameters, create, list_models
+
+    rows = []
+    for name in list_models():
+        model = create(name)
+        rows.append({"name": name, "params": count_parameters(model), "gflops_512": round(count_gflops(model, 512, 512), 3)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(f"{'name':<16}{'params':>12}{'GFLOPs@512':>12}")
+        for r in rows:
+            print(f"{r['name']:<16}{r['params']:>12,}{r['gflops_512']:>12.2f}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+    from ..training import train
+
+    config = RunConfig(
+        model=ModelConfig(arch=args.arch),
+        preprocess=PreprocessConfig(size=args.size),
+        data=DataConfig(
+            data_dir=str(Path(args.data).resolve()),
+            label=args.label,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            folds=args.folds,
+            fold=args.fold,
+            max_train_images=args.max_train_images,
+        ),
+        train=TrainConfig(
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            augment=tuple(a for a in args.augment.split(",") if a),
+            amp=not args.no_amp,
+            channels_last=not args.no_channels_last,
+            num_threads=args.threads,
+            device=args.device,
+        ),
+    )
+    result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    print(
+        f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
+        f"{result.epochs_run} epochs in {result.seconds:.0f} s"
+    )
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..evaluation.evaluate import evaluate_run
+
+    summary = evaluate_run(
+        args.model, args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
+        mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet,
+    )
+    for key in ("precision", "recall", "dice", "hd", "hd95", "auc"):
+        m = summary[key]
+        if m["mean"] is not None:
+            print(f"{key:<10} {m['mean']:.4f} +/- {m['sd']:.4f}")
+    print(f"zero-overlap rate {summary['zero_overlap_rate']:.4f} over {summary['n_images']} images; pooled AUC {summary['pooled_auc']:.4f}")
+    print(f"wrote {args.out}/metrics.json, per_image.csv, roc.png, overlays/")
+    return 0
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    from ..inference import Predictor, segment_files
+
+    predictor = Predictor.from_run(args.model, device=args.device)
+    result = segment_files(
+        args.inputs, predictor, args.out, mm_per_pixel=args.mm_per_pixel, threshold=args.threshold,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(f"segmented {len(result.rows)} image(s) into {args.out}; {len(result.problems)} problem(s)")
+    return 0 if result.rows or not result.problems else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("models", help="list architectures with parameters and GFLOPs at 512x512")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("train", help="train a network (the paper's recipe by default)")
+    p.add_argument("--data", required=True, help="folder with images/ and masks/ (optional manifest.csv)")
+    p.add_argument("--label", type=int, default=None, help="foreground label in the masks (default: any non-zero; usgra-seg nerve = 1)")
+    p.add_argument("--arch", default="sa_unet", help="architecture (see `nerveseg models`)")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--size", type=int, default=256, help="network input side; images are letterboxed to it")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--folds", type=int, default=None, help="K for K-fold cross-validation")
+    p.add_argument("--fold", type=int, default=None, help="0-based validation fold")
+    p.add_argument("--max-train-images", type=int, default=None, help="train on a seeded subset of this many images")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--warmup-epochs", type=int, default=0)
+    p.add_argument("--augment", default="shear", help="comma list: shear,scale,hflip,vflip,gamma,contrast,speckle")
+    p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast)")
+    p.add_argument("--no-channels-last", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset at original resolution")
+    p.add_argument("--model", required=True, help="run folder written by `nerveseg train`")
+    p.add_argument("--data", required=True)
+    p.add_argument("--label", type=int, default=None, help="default: the label the run was trained on")
+    p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen"),
+                   help="val: the run's validation images; unseen: all it did not train on")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size, for HD in mm")
+    p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("segment", help="segment images; write masks, overlays, measurements.csv")
+    p.add_argument("inputs", nargs="+", help="image files or folders")
+    p.add_argument("--model", required=True, help="run folder written by `nerveseg train`")
+    p.add_argument("--out", required=True)
+    p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size in mm (else areas in pixels only)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NerveSegError as exc:
+        print(f"nerveseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nerveseg {args.command}: interrupted; finished files are kept (train: --resume continues)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

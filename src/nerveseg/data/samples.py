@@ -1,0 +1,392 @@
+"""Find image/mask pairs in a data folder and split them by subject.
+
+Layout::
+
+    data_dir/
+        images/<stem>.png|.jpg|.tif|.bmp
+        masks/<stem>.png|.tif|.bmp|.json   (LabelMe)
+        manifest.csv                       (optional: file, subject, device, region, side, split)
+
+Images of one subject are strongly correlated, so every split here is grouped by subject: a
+subject is never in both train and validation, which would inflate validation scores.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from nerveseg.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS
+from nerveseg.errors import ConfigError, InputError
+
+__all__ = [
+    "MANIFEST_COLUMNS",
+    "MANIFEST_NAME",
+    "SPLIT_VALUES",
+    "Sample",
+    "discover_samples",
+    "fold_assignment",
+    "read_manifest",
+    "split_samples",
+]
+
+MANIFEST_NAME = "manifest.csv"
+MANIFEST_COLUMNS = ("file", "subject", "device", "region", "side", "split")
+SPLIT_VALUES = ("", "train", "val", "test")
+"""Accepted values of the manifest ``split`` column. Only ``test`` changes anything (held out);
+a typo such as ``testing`` is refused rather than letting test images leak into training."""
+
+# Preference when one stem has several masks: lossless rasters first, then LabelMe.
+_MASK_PREFERENCE = (".png", ".tif", ".tiff", ".bmp", ".json")
+# Files that operating systems drop into folders; not the user's data.
+_JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+
+_LAYOUT = (
+    "expected <data_dir>/images/ with one image per file and <data_dir>/masks/ with "
+    "<stem>.png (or <stem>.json from LabelMe) for each image, plus an optional manifest.csv"
+)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image and its mask, with the metadata used for grouping and reporting.
+
+    ``subject`` is the stem when unknown, so that splits are then by image.
+    """
+
+    stem: str
+    image_path: Path
+    mask_path: Path | None
+    subject: str
+    device: str = ""
+    region: str = ""
+    side: str = ""
+    split: str = ""
+
+
+# ------------------------------------------------------------------------------------------------
+# Manifest
+# ------------------------------------------------------------------------------------------------
+
+
+def _stem_of(name: str) -> str:
+    """Stem of a manifest ``file`` entry, which may be a path, a file name or a bare stem.
+
+    Only known endings are stripped: a bare stem such as ``p01.left`` must stay whole.
+    """
+    base = Path(name.strip().replace("\\", "/")).name
+    suffix = Path(base).suffix.lower()
+    if suffix in IMAGE_EXTENSIONS or suffix in MASK_EXTENSIONS:
+        return base[: -len(suffix)]
+    return base
+
+
+def read_manifest(path: str | Path) -> dict[str, dict]:
+    """Read ``manifest.csv`` into ``{stem: {column: value}}``.
+
+    Parameters
+    ----------
+    path : str or Path
+        CSV with a header row. ``file`` is required (file name, path or stem); ``subject``,
+        ``device``, ``region``, ``side`` and ``split`` are optional. Headers are matched
+        case-insensitively, values are stripped, ``split`` is lower-cased.
+
+    Returns
+    -------
+    dict
+        stem -> dict of every other column (missing known columns are ``""``).
+
+    Raises
+    ------
+    InputError
+        Unreadable file, no ``file`` column, empty or duplicate ``file``, unknown ``split``.
+    """
+    path = Path(path)
+    try:
+        # utf-8-sig: spreadsheets save CSV with a byte-order mark that would corrupt "file".
+        with path.open("r", encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f)
+            rows = list(reader)
+    except FileNotFoundError as e:
+        raise InputError(path, "manifest not found", "check the path") from e
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise InputError(path, f"manifest cannot be read ({e})", "save it as UTF-8 CSV") from e
+
+    rows = [r for r in rows if any(cell.strip() for cell in r)]  # blank lines carry nothing
+    if not rows:
+        raise InputError(path, "manifest is empty", "add a header row with at least the column 'file'")
+    header = [h.strip().lower() for h in rows[0]]
+    if "file" not in header:
+        raise InputError(
+            path,
+            f"manifest has no 'file' column (columns: {', '.join(header) or 'none'})",
+            f"add a header row; columns: {', '.join(MANIFEST_COLUMNS)} (all but file optional)",
+        )
+    named = [h for h in header if h]
+    if len(set(named)) != len(named):
+        raise InputError(path, "manifest has duplicate column names", "give every column a distinct name")
+
+    entries: dict[str, dict] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        # Unnamed columns (trailing commas from spreadsheets) carry nothing to keep.
+        values = {h: (row[i].strip() if i < len(row) else "") for i, h in enumerate(header) if h}
+        file_value = values.pop("file")
+        if not file_value:
+            raise InputError(path, f"row {line_no} has an empty 'file'", "fill in the file name or remove the row")
+        stem = _stem_of(file_value)
+        if stem in entries:
+            raise InputError(path, f"file '{stem}' is listed twice (row {line_no})",
+                             "keep one row per image")
+        for column in MANIFEST_COLUMNS[1:]:
+            values.setdefault(column, "")
+        values["split"] = values["split"].lower()
+        if values["split"] not in SPLIT_VALUES:
+            raise InputError(
+                path,
+                f"row {line_no}: unknown split '{values['split']}'",
+                "use train, val, test or leave it empty (only test is held out)",
+            )
+        entries[stem] = values
+    return entries
+
+
+# ------------------------------------------------------------------------------------------------
+# Discovery
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_junk(entry: Path) -> bool:
+    return entry.name.startswith(".") or entry.name.lower() in _JUNK_NAMES
+
+
+def _list_files(folder: Path, allowed: Sequence[str], kind: str,
+                problems: list[InputError]) -> dict[str, list[Path]]:
+    """Group the usable files of ``folder`` by stem; report what cannot be used."""
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for entry in sorted(folder.iterdir()):
+        if _is_junk(entry):
+            continue
+        if entry.is_dir():
+            problems.append(InputError(entry, f"is a folder inside {folder.name}/; subfolders are not searched",
+                                       f"move its files into {folder.name}/ or remove it"))
+            continue
+        suffix = entry.suffix.lower()
+        if suffix not in allowed:
+            fix = f"supported {kind} types: {', '.join(allowed)}; convert or remove it"
+            if kind == "mask" and suffix in (".jpg", ".jpeg"):
+                problems.append(InputError(entry, "mask is JPEG, which changes label values",
+                                           "save the mask as grey or palette PNG"))
+            else:
+                problems.append(InputError(entry, f"unsupported {kind} file type '{suffix or '(none)'}'", fix))
+            continue
+        by_stem[entry.stem].append(entry)
+    return by_stem
+
+
+def discover_samples(data_dir: str | Path, require_masks: bool = True) -> tuple[list[Sample], list[InputError]]:
+    """Pair ``images/`` with ``masks/`` by stem, without decoding any file.
+
+    Parameters
+    ----------
+    data_dir : str or Path
+        Folder with ``images/``, ``masks/`` and optionally ``manifest.csv``.
+    require_masks : bool
+        If true, images without a mask are problems and skipped; if false they are kept with
+        ``mask_path=None`` (inference).
+
+    Returns
+    -------
+    samples : list of Sample
+        Sorted by stem.
+    problems : list of InputError
+        Non-fatal problems, one per offending file (unpaired, unsupported, ambiguous).
+
+    Raises
+    ------
+    InputError
+        ``data_dir`` or ``images/`` missing, ``masks/`` missing while required, bad manifest.
+    """
+    data_dir = Path(data_dir)
+    images_dir, masks_dir = data_dir / "images", data_dir / "masks"
+    if not data_dir.is_dir():
+        raise InputError(data_dir, "data folder not found", _LAYOUT)
+    if not images_dir.is_dir():
+        raise InputError(images_dir, "images folder not found", _LAYOUT)
+    if require_masks and not masks_dir.is_dir():
+        raise InputError(masks_dir, "masks folder not found", _LAYOUT)
+
+    problems: list[InputError] = []
+    image_files = _list_files(images_dir, IMAGE_EXTENSIONS, "image", problems)
+    mask_files = _list_files(masks_dir, MASK_EXTENSIONS, "mask", problems) if masks_dir.is_dir() else {}
+
+    manifest_path = data_dir / MANIFEST_NAME
+    manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
+
+    samples: list[Sample] = []
+    for stem in sorted(image_files):
+        files = image_files[stem]
+        if len(files) > 1:
+            # Which of a.png and a.jpg is meant cannot be guessed; training on both would
+            # duplicate the image.
+            names = ", ".join(p.name for p in files)
+            problems.append(InputError(files[0], f"several images share the stem '{stem}' ({names})",
+                                       "keep one of them"))
+            continue
+        masks = sorted(mask_files.get(stem, []), key=lambda p: _MASK_PREFERENCE.index(p.suffix.lower()))
+        mask_path = masks[0] if masks else None
+        if mask_path is None and require_masks:
+            problems.append(InputError(files[0], "has no mask",
+                                       f"add masks/{stem}.png or remove the image"))
+            continue
+        meta = manifest.get(stem, {})
+        samples.append(Sample(
+            stem=stem,
+            image_path=files[0],
+            mask_path=mask_path,
+            subject=meta.get("subject") or stem,
+            device=meta.get("device", ""),
+            region=meta.get("region", ""),
+            side=meta.get("side", ""),
+            split=meta.get("split", ""),
+        ))
+
+    for stem in sorted(set(mask_files) - set(image_files)):
+        problems.append(InputError(mask_files[stem][0], "has no matching image in images/",
+                                   f"add images/{stem}.png or remove the mask"))
+    for stem in sorted(set(manifest) - set(image_files)):
+        problems.append(InputError(manifest_path, f"lists '{stem}', which is not in images/",
+                                   "remove the row or add the image"))
+    return samples, problems
+
+
+# ------------------------------------------------------------------------------------------------
+# Splits
+# ------------------------------------------------------------------------------------------------
+
+
+def _held_in(samples: Iterable[Sample]) -> list[Sample]:
+    """Samples that may be used for training or validation (manifest split 'test' is held out)."""
+    return [s for s in samples if s.split.lower() != "test"]
+
+
+def _permuted_groups(samples: Sequence[Sample], seed: int) -> list[tuple[str, list[Sample]]]:
+    """Subjects and their samples, in a seed-determined order independent of input order."""
+    groups: dict[str, list[Sample]] = defaultdict(list)
+    for s in sorted(samples, key=lambda s: s.stem):
+        groups[s.subject].append(s)
+    subjects = sorted(groups)
+    order = np.random.default_rng(seed).permutation(len(subjects))
+    return [(subjects[i], groups[subjects[i]]) for i in order]
+
+
+def _check_folds(folds: int, n_subjects: int | None) -> None:
+    """Validate ``folds`` (and, when given, that there are enough subjects for it)."""
+    if isinstance(folds, bool) or not isinstance(folds, (int, np.integer)) or folds < 2:
+        raise ConfigError(f"folds must be an integer >= 2, got {folds!r}")
+    if n_subjects is not None and n_subjects < folds:
+        raise ConfigError(
+            f"{folds} folds need at least {folds} subjects, but there are {n_subjects} "
+            "(test samples excluded); use fewer folds or add data"
+        )
+
+
+def fold_assignment(samples: Sequence[Sample], folds: int, seed: int = 0) -> dict[str, int]:
+    """Assign every non-test sample to one of ``folds`` subject-grouped folds.
+
+    Subjects are shuffled by ``seed``, then dealt largest first (stable, so shuffled order
+    breaks size ties) to the fold with the fewest images so far (ties: lowest fold index).
+
+    Returns
+    -------
+    dict
+        stem -> fold index in ``0..folds-1``; samples with split ``test`` are absent.
+
+    Raises
+    ------
+    ConfigError
+        ``folds < 2`` or fewer subjects than folds.
+    """
+    groups = _permuted_groups(_held_in(samples), seed)
+    _check_folds(folds, len(groups))
+    groups.sort(key=lambda g: len(g[1]), reverse=True)  # sort is stable
+    counts = [0] * int(folds)
+    assignment: dict[str, int] = {}
+    for _subject, members in groups:
+        target = counts.index(min(counts))  # index() gives the lowest index among ties
+        counts[target] += len(members)
+        for s in members:
+            assignment[s.stem] = target
+    return assignment
+
+
+def split_samples(
+    samples: Sequence[Sample],
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    folds: int | None = None,
+    fold: int | None = None,
+) -> tuple[list[Sample], list[Sample]]:
+    """Split samples into (train, val) with no subject in both.
+
+    Parameters
+    ----------
+    samples : sequence of Sample
+        Samples with manifest split ``test`` are excluded from both lists.
+    seed : int
+        Seed of the subject permutation; the same seed gives the same split.
+    val_fraction : float
+        Without folds: fraction of images to put in val, taken as whole subjects in permuted
+        order, stopping at the subject count nearest the target. Val and train each get at
+        least one subject.
+    folds, fold : int, optional
+        K-fold cross-validation (both or neither): val is fold ``fold`` (0-based) of
+        :func:`fold_assignment`, train the other folds.
+
+    Returns
+    -------
+    train, val : list of Sample
+        Each sorted by stem.
+
+    Raises
+    ------
+    ConfigError
+        Invalid ``val_fraction``, ``folds`` or ``fold``, or too few subjects.
+    """
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) \
+            or not 0.0 < float(val_fraction) < 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction!r}")
+    if (folds is None) != (fold is None):
+        raise ConfigError("folds and fold go together: give both (e.g. folds=5, fold=0) or neither")
+
+    held_in = sorted(_held_in(samples), key=lambda s: s.stem)
+    if folds is not None:
+        _check_folds(folds, n_subjects=None)
+        if isinstance(fold, bool) or not isinstance(fold, (int, np.integer)) or not 0 <= fold < folds:
+            raise ConfigError(f"fold must be an integer in 0..{folds - 1} (folds={folds}), got {fold!r}")
+        assignment = fold_assignment(held_in, folds, seed)
+        train = [s for s in held_in if assignment[s.stem] != fold]
+        val = [s for s in held_in if assignment[s.stem] == fold]
+        return train, val
+
+    groups = _permuted_groups(held_in, seed)
+    if len(groups) < 2:
+        raise ConfigError(
+            f"a train/val split needs at least 2 subjects, but there are {len(groups)} "
+            "(test samples excluded); add data or set distinct subjects in manifest.csv"
+        )
+    target = float(val_fraction) * len(held_in)
+    val_subjects: set[str] = set()
+    n_val = 0
+    for subject, members in groups[:-1]:  # the last subject always stays in train
+        if n_val > 0 and abs(n_val + len(members) - target) >= abs(n_val - target):
+            break  # adding this subject would move val further from the target
+        val_subjects.add(subject)
+        n_val += len(members)
+    train = [s for s in held_in if s.subject not in val_subjects]
+    val = [s for s in held_in if s.subject in val_subjects]
+    return train, val

@@ -1,0 +1,19 @@
+"""Networks: blocks, one file per architecture, and the registry that builds them by name."""
+
+from . import sa_unet, unet  # noqa: F401  (registers the architectures)
+from .base import SegmentationModel
+from .blocks import ECA, SAConv, eca_kernel_size
+from .complexity import count_gflops, count_parameters
+from .registry import create, list_models, register_model
+
+__all__ = [
+    "SegmentationModel",
+    "ECA",
+    "SAConv",
+    "eca_kernel_size",
+    "count_gflops",
+    "count_parameters",
+    "create",
+    "list_models",
+    "register_model",
+]

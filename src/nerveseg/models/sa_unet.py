@@ -1,0 +1,79 @@
+"""SA-UNet: the U-Net of Ronneberger et al. with every convolution replaced by ``SAConv``."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from .base import SegmentationModel
+from .blocks import SAConv
+from .registry import register_model
+
+
+class SALevel(nn.Sequential):
+    """Two SAConvs: one U-Net level."""
+
+    def __init__(self, in_channels: int, out_channels: int, n: int):
+        super().__init__(SAConv(in_channels, out_channels, n), SAConv(out_channels, out_channels, n))
+
+
+@register_model("sa_unet")
+class SAUNet(SegmentationModel):
+    """Scale-attentional U-Net (Kim et al., Ultrasonography 2022;41:706-717, Fig. 1).
+
+    Encoder: per level two SAConvs, then 2x2 max-pooling. Decoder: nearest-neighbour x2
+    upsampling followed by an SAConv (the paper uses "nearest neighbor and convolution"
+    instead of transposed convolution), concatenation with the skip, two SAConvs. A 1x1
+    convolution gives one logit per pixel.
+
+    Reconstruction choices the paper leaves open (see docs/ARCHITECTURE.md): widths
+    32-64-128-256-512; BatchNorm + ReLU after ECA in every SAConv; the up-sampling SAConv halves
+    the channels like U-Net's up-convolution. This gives 455,603 parameters (paper: 491K).
+
+    Args:
+        in_channels: image channels (1: ultrasound is grey).
+        out_channels: logit channels (1: nerve vs background).
+        features: widths of the five levels.
+        n: cascade length N of each SAConv.
+
+    Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W) logits, any H, W.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 1,
+        features: Sequence[int] = (32, 64, 128, 256, 512),
+        n: int = 4,
+    ):
+        super().__init__()
+        features = tuple(features)
+        self.size_divisor = 2 ** (len(features) - 1)
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for width in features:
+            self.encoder.append(SALevel(prev, width, n))
+            prev = width
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
+        self.up_convs = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for deep, shallow in zip(features[:0:-1], features[-2::-1]):
+            self.up_convs.append(SAConv(deep, shallow, n))
+            self.decoder.append(SALevel(2 * shallow, shallow, n))
+        self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, level in enumerate(self.encoder):
+            if i:
+                x = self.pool(x)
+            x = level(x)
+            skips.append(x)
+        skips.pop()
+        for up_conv, level in zip(self.up_convs, self.decoder):
+            x = up_conv(self.upsample(x))
+            x = level(torch.cat([skips.pop(), x], dim=1))
+        return self.head(x)

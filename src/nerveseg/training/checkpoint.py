@@ -1,0 +1,71 @@
+"""Checkpoints as safetensors (never pickle): weights, and for resuming the optimizer too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import InputError
+from ..io_utils import atomic_path
+
+
+def save_weights(model: nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp), metadata=metadata)
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weights file not found", "point --model at a run folder written by `nerveseg train`")
+    try:
+        state = load_file(str(path))
+    except Exception as exc:  # safetensors raises several types for corrupt headers
+        raise InputError(path, f"not a readable safetensors file ({exc})", "re-export or re-train the model") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise InputError(
+            path,
+            f"weights do not fit the architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors)",
+            "use the config.json that was saved with these weights",
+        )
+    return model
+
+
+def save_training_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, state: dict[str, Any]
+) -> None:
+    """Write model, Adam moments and the loop state (JSON in the header) as one atomic file.
+
+    One file, so a crash can never leave weights and loop state from different epochs.
+    """
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for index, param_state in opt["state"].items():
+        for key, value in param_state.items():
+            tensors[f"optim.{index}.{key}"] = torch.as_tensor(value).detach().contiguous().cpu()
+    header = json.dumps({**state, "param_groups": opt["param_groups"]})
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"state": header})
+
+
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote; returns the loop state."""
+    with safe_open(str(path), framework="pt") as f:
+        state = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    per_param: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, index, key = name.split(".", 2)
+            per_param.setdefault(int(index), {})[key] = value
+    optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
+    return state

@@ -1,0 +1,235 @@
+"""The training loop: the paper's recipe by default, CPU-fast, resumable, atomic."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .. import __version__
+from ..config import RunConfig
+from ..data.augment import augment_batch
+from ..data.cache import TensorSet, load_tensor_set
+from ..data.samples import discover_samples, split_samples
+from ..errors import ConfigError, InputError
+from ..io_utils import atomic_write_json, atomic_write_text
+from ..models import create
+from .checkpoint import load_training_state, save_training_state, save_weights
+from .losses import soft_dice_loss
+
+HISTORY_FIELDS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_val_dice: float
+    best_epoch: int
+    epochs_run: int
+    seconds: float
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(device: torch.device, enabled: bool):
+    """bf16 autocast: ~3x faster training steps on this CPU, same accuracy in our runs."""
+    if not enabled:
+        return torch.autocast(device.type, enabled=False)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def learning_rate(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
+    """Learning rate at a step, as a pure function of position, so a resumed run agrees."""
+    t = epoch + step / steps_per_epoch
+    if cfg.warmup_epochs and t < cfg.warmup_epochs:
+        return cfg.lr * (t + 1 / steps_per_epoch) / cfg.warmup_epochs
+    if cfg.schedule == "cosine":
+        span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (t - cfg.warmup_epochs) / span)))
+    return cfg.lr
+
+
+def _standardized(images: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+    return (images - stats[:, 0, None, None, None]) / stats[:, 1, None, None, None]
+
+
+@torch.no_grad()
+def validation_dice(model, data: TensorSet, device, amp: bool, channels_last: bool, batch_size: int = 8) -> float:
+    """Mean per-image Dice at the network resolution (threshold 0.5), for checkpoint choice.
+
+    Final figures come from ``nerveseg evaluate`` at the original resolution; this is the
+    cheap in-loop estimate used only to pick the best epoch.
+    """
+    model.eval()
+    dices = []
+    for start in range(0, len(data), batch_size):
+        x = _standardized(data.images[start : start + batch_size], data.stats[start : start + batch_size]).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            pred = model(x).float() >= 0
+        truth = data.masks[start : start + batch_size].to(device) >= 0.5
+        inter = (pred & truth).flatten(1).sum(1).float()
+        total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
+        dices.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).cpu())
+    model.train()
+    return float(torch.cat(dices).mean()) if dices else float("nan")
+
+
+def _read_history(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open(newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
+    """Find the samples, split them by subject and fill ``train_stems``/``val_stems``."""
+    samples, problems = discover_samples(config.data.data_dir)
+    for problem in problems:
+        log(f"warning: skipped {problem}")
+    if not samples:
+        raise InputError(config.data.data_dir, "no usable image/mask pairs", "see the warnings above")
+    if config.data.folds is not None:
+        train, val = split_samples(samples, seed=config.data.seed, folds=config.data.folds, fold=config.data.fold)
+    else:
+        train, val = split_samples(samples, seed=config.data.seed, val_fraction=config.data.val_fraction)
+    if config.data.max_train_images is not None and len(train) > config.data.max_train_images:
+        order = np.random.default_rng(config.data.seed).permutation(len(train))
+        train = [train[i] for i in sorted(order[: config.data.max_train_images])]
+    config.train_stems = [s.stem for s in train]
+    config.val_stems = [s.stem for s in val]
+    return train, val
+
+
+def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
+    """Train ``config`` into ``out_dir``; with ``resume`` continue an interrupted run there.
+
+    Writes ``config.json``, ``model.safetensors`` (best validation Dice), ``last.safetensors``
+    (weights + optimizer + loop state for resuming) and ``history.csv``; every write is atomic.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out_dir)
+    config_path, last_path = out / "config.json", out / "last.safetensors"
+    if resume:
+        if not config_path.exists():
+            raise ConfigError(f"{out}: nothing to resume (no config.json); start without --resume")
+        saved = RunConfig.load(config_path)
+        saved.train.epochs = config.train.epochs  # the only thing a resume may change: run longer
+        config = saved
+    elif config_path.exists():
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    cfg = config.train
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+
+    train_samples, val_samples = prepare_split(config, log)
+    if resume and (config.train_stems != RunConfig.load(config_path).train_stems):
+        raise ConfigError(f"{out}: the data folder changed since this run started; cannot resume on another split")
+    size, label = config.preprocess.size, config.data.label
+    train_set, problems = load_tensor_set(train_samples, size, label)
+    val_set, val_problems = load_tensor_set(val_samples, size, label)
+    for problem in problems + val_problems:
+        log(f"warning: skipped {problem}")
+    if len(train_set) == 0:
+        raise InputError(config.data.data_dir, "no usable training pairs", "see the warnings above")
+    config.train_stems, config.val_stems = train_set.stems, val_set.stems
+    config.nerveseg_version = __version__
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(config_path, config.to_dict())
+
+    torch.manual_seed(config.data.seed)  # the same seed gives the same initial weights
+    model = create(config.model.arch, **config.model.kwargs).to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    history = _read_history(out / "history.csv")
+    start_epoch, best_dice, best_epoch = 0, -1.0, -1
+    if resume and last_path.exists():
+        state = load_training_state(model, optimizer, last_path)
+        start_epoch, best_dice, best_epoch = state["epoch"] + 1, state["best_val_dice"], state["best_epoch"]
+        history = history[:start_epoch]
+        log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs} (best val Dice {best_dice:.4f})")
+
+    steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    bar = tqdm(
+        total=cfg.epochs * steps_per_epoch,
+        initial=start_epoch * steps_per_epoch,
+        disable=not progress,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    t0 = time.perf_counter()
+    model.train()
+    for epoch in range(start_epoch, cfg.epochs):
+        epoch_start = time.perf_counter()
+        # one generator per epoch seeded by (seed, epoch): a resumed run draws the same batches
+        gen = torch.Generator().manual_seed(config.data.seed * 100_003 + epoch)
+        order = torch.randperm(len(train_set), generator=gen)
+        losses = []
+        bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+        for step in range(steps_per_epoch):
+            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            images, masks = augment_batch(
+                train_set.images[idx], train_set.masks[idx], cfg.augment, cfg.shear_degrees, generator=gen
+            )
+            x = _standardized(images, train_set.stats[idx]).to(device)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            y = masks.to(device)
+            lr = learning_rate(cfg, epoch, step, steps_per_epoch)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast_context(device, cfg.amp):
+                logits = model(x)
+            loss = soft_dice_loss(logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{max(best_dice, 0):.4f}")
+        val_dice = validation_dice(model, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
+        improved = len(val_set) == 0 or val_dice > best_dice
+        if improved:
+            best_dice, best_epoch = (val_dice if len(val_set) else best_dice), epoch
+            save_weights(model, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": f"{np.mean(losses):.6f}",
+                "val_dice": f"{val_dice:.6f}",
+                "lr": f"{lr:.3e}",
+                "seconds": f"{time.perf_counter() - epoch_start:.2f}",
+            }
+        )
+        _write_history(out / "history.csv", history)
+        save_training_state(
+            model, optimizer, last_path, {"epoch": epoch, "best_val_dice": best_dice, "best_epoch": best_epoch}
+        )
+        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{val_dice:.4f}")
+    bar.close()
+    return TrainResult(out, best_dice, best_epoch + 1, cfg.epochs - start_epoch, time.perf_counter() - t0)

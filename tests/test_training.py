@@ -1,0 +1,152 @@
+"""Training: the loss against MONAI, the schedule, augmentation, a real (short) fit, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nerveseg.config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from nerveseg.data.augment import augment_batch
+from nerveseg.errors import ConfigError
+from nerveseg.training import soft_dice_loss, train
+from nerveseg.training.trainer import learning_rate
+
+SMALL = {"features": [8, 16, 32, 64, 128]}
+
+
+def test_soft_dice_loss_matches_monai():
+    monai_losses = pytest.importorskip("monai.losses")
+    torch.manual_seed(0)
+    logits = torch.randn(3, 1, 17, 23)
+    target = (torch.rand(3, 1, 17, 23) > 0.7).float()
+    target[2] = 0  # an empty mask
+    ref = monai_losses.DiceLoss(sigmoid=True, smooth_nr=1.0, smooth_dr=1.0, batch=False)(logits, target)
+    torch.testing.assert_close(soft_dice_loss(logits, target), ref)
+
+
+def test_soft_dice_loss_edges_hand_computed():
+    # a perfect confident prediction -> loss ~0; empty mask + confident empty prediction -> ~0
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :2] = 1
+    assert soft_dice_loss(target * 40 - 20, target).item() == pytest.approx(0, abs=1e-6)
+    empty = torch.zeros(1, 1, 4, 4)
+    assert soft_dice_loss(torch.full_like(empty, -30.0), empty).item() == pytest.approx(0, abs=1e-6)
+    # p = 0.5 everywhere on a 4-pixel target out of 16: 1 - (2*2 + 1) / (8 + 4 + 1)
+    assert soft_dice_loss(torch.zeros(1, 1, 4, 4), target).item() == pytest.approx(1 - 5 / 13, rel=1e-6)
+    assert torch.isfinite(soft_dice_loss(torch.zeros(1, 1, 4, 4), empty))
+
+
+def test_learning_rate_schedules():
+    const = TrainConfig(epochs=10, lr=1e-3)
+    assert learning_rate(const, 0, 0, 5) == learning_rate(const, 9, 4, 5) == 1e-3
+    cos = TrainConfig(epochs=10, lr=1e-3, schedule="cosine")
+    assert learning_rate(cos, 0, 0, 5) == pytest.approx(1e-3)
+    assert learning_rate(cos, 5, 0, 5) == pytest.approx(0.5e-3)
+    assert learning_rate(cos, 9, 4, 5) < 0.05e-3
+    warm = TrainConfig(epochs=10, lr=1e-3, schedule="cosine", warmup_epochs=2)
+    assert learning_rate(warm, 0, 0, 5) == pytest.approx(1e-3 / 10)
+    assert learning_rate(warm, 2, 0, 5) == pytest.approx(1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="unknown augmentation"):
+        TrainConfig(augment=("mixup",))
+    with pytest.raises(ConfigError, match="multiple of 16"):
+        PreprocessConfig(size=100)
+    with pytest.raises(ConfigError, match="--fold"):
+        DataConfig(folds=5)
+    with pytest.raises(ConfigError):
+        DataConfig(folds=5, fold=5)
+    cfg = RunConfig(train=TrainConfig(augment=("shear", "hflip")))
+    assert RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_shear_matches_the_hand_computed_map():
+    # One bright pixel. grid_sample reads output pixel p from input point theta @ p (normalised
+    # coordinates), with theta = [[1, tan a], [tan b, 1]] for shear angles a, b.
+    n = 65
+    images = torch.zeros(1, 1, n, n)
+    images[0, 0, 48, 32] = 1.0
+    out, out_mask = augment_batch(images, images.clone(), ("shear",), 15.0, generator=torch.Generator().manual_seed(3))
+    gen = torch.Generator().manual_seed(3)  # the same draws, in the same order
+    a = math.radians(torch.rand(1, generator=gen).item() * 30 - 15)
+    b = math.radians(torch.rand(1, generator=gen).item() * 30 - 15)
+    assert abs(a) > math.radians(2)  # the seed gives a visible shear
+    theta = np.array([[1, math.tan(a)], [math.tan(b), 1]])
+    to_norm = lambda i: (2 * i + 1) / n - 1  # noqa: E731
+    to_index = lambda v: ((v + 1) * n - 1) / 2  # noqa: E731
+    px, py = np.linalg.solve(theta, [to_norm(32), to_norm(48)])
+    y, x = np.unravel_index(out[0, 0].argmax().item(), (n, n))
+    assert abs(x - to_index(px)) <= 1 and abs(y - to_index(py)) <= 1
+    assert (x, y) != (32, 48)
+    assert set(torch.unique(out_mask).tolist()) <= {0.0, 1.0}
+
+
+def test_augmentations_keep_masks_binary_and_identity_without_any():
+    torch.manual_seed(0)
+    images, masks = torch.rand(4, 1, 32, 40), (torch.rand(4, 1, 32, 40) > 0.5).float()
+    same_i, same_m = augment_batch(images, masks, (), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(same_i, images) and torch.equal(same_m, masks)
+    all_augs = ("shear", "scale", "hflip", "vflip", "gamma", "contrast", "speckle")
+    out_i, out_m = augment_batch(images, masks, all_augs, generator=torch.Generator().manual_seed(0))
+    assert out_i.shape == images.shape and set(torch.unique(out_m).tolist()) <= {0.0, 1.0}
+    assert out_i.min() >= 0 and out_i.max() <= 1
+
+
+def _config(data_dir, epochs: int, lr: float = 2e-3) -> RunConfig:
+    return RunConfig(
+        model=ModelConfig("sa_unet", dict(SMALL)),
+        preprocess=PreprocessConfig(size=64),
+        data=DataConfig(str(data_dir), label=1, seed=0, val_fraction=0.25),
+        train=TrainConfig(epochs=epochs, lr=lr),
+    )
+
+
+@pytest.mark.slow
+def test_short_training_learns_noisy_ellipses(tmp_path):
+    from conftest import write_ellipse_dataset
+
+    from nerveseg.evaluation.evaluate import evaluate_run
+
+    data = write_ellipse_dataset(tmp_path / "data", 16)
+    result = train(_config(data, epochs=25), tmp_path / "run", progress=False)
+    # a network that learned nothing scores 0 here (its output is empty), one that learned ~0.9
+    assert result.best_val_dice > 0.7
+    summary = evaluate_run(tmp_path / "run", data, tmp_path / "eval", subset="val", progress=False)
+    assert summary["n_images"] == 4
+    assert summary["dice"]["mean"] > 0.6  # at the original 60x76 resolution
+    assert summary["zero_overlap_rate"] == 0
+
+
+def test_resume_continues_exactly_where_it_stopped(tmp_path):
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 8)
+    train(_config(data, epochs=3), tmp_path / "straight", progress=False)
+    train(_config(data, epochs=1), tmp_path / "resumed", progress=False)  # "interrupted" after 1 epoch
+    with pytest.raises(ConfigError, match="--resume"):
+        train(_config(data, epochs=3), tmp_path / "resumed", progress=False)
+    train(_config(data, epochs=3), tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    with open(tmp_path / "resumed" / "history.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv"):
+        assert (tmp_path / "resumed" / name).is_file()
+    saved = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert saved["train"]["epochs"] == 3 and len(saved["val_stems"]) == 2
+    assert not set(saved["train_stems"]) & set(saved["val_stems"])
+
+
+def test_resume_needs_a_run(tmp_path, ellipse_dataset):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(_config(ellipse_dataset, 1), tmp_path / "none", resume=True, progress=False)
