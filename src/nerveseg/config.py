@@ -48,7 +48,7 @@ class DataConfig:
     """Which data and which part of it is used for training and validation."""
 
     data_dir: str = ""
-    label: int | None = None
+    label: int | str | None = None  # pixel value, or a LabelMe shape name
     seed: int = 0
     val_fraction: float | None = 0.2
     folds: int | None = None

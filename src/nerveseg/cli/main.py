@@ -17,6 +17,11 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _label(text: str) -> int | str:
+    """An integer pixel value for raster masks, or a LabelMe shape name."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from ..models import count_gflops, count_parameters, create, list_models
 
@@ -108,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a network (the paper's recipe by default)")
     p.add_argument("--data", required=True, help="folder with images/ and masks/ (optional manifest.csv)")
-    p.add_argument("--label", type=int, default=None, help="foreground label in the masks (default: any non-zero; usgra-seg nerve = 1)")
+    p.add_argument("--label", type=_label, default=None,
+                   help="foreground: pixel value, or LabelMe shape name (default: any non-zero; usgra-seg nerve = 1)")
     p.add_argument("--arch", default="sa_unet", help="architecture (see `nerveseg models`)")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--size", type=int, default=256, help="network input side; images are letterboxed to it")
@@ -134,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset at original resolution")
     p.add_argument("--model", required=True, help="run folder written by `nerveseg train`")
     p.add_argument("--data", required=True)
-    p.add_argument("--label", type=int, default=None, help="default: the label the run was trained on")
+    p.add_argument("--label", type=_label, default=None, help="default: the label the run was trained on")
     p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen"),
                    help="val: the run's validation images; unseen: all it did not train on")
     p.add_argument("--threshold", type=float, default=0.5)

@@ -79,7 +79,12 @@ def segment_files(
     result = SegmentResult(problems=problems)
     for problem in problems:
         log(f"error: {problem}")
+    used_stems: set[str] = set()
     for path in files:
+        stem = path.stem
+        if stem in used_stems:  # a.png and a.jpg, or two folders: never overwrite a result
+            stem = next(f"{path.stem}_{i}" for i in range(2, len(files) + 2) if f"{path.stem}_{i}" not in used_stems)
+        used_stems.add(stem)
         try:
             image = read_image(path)
         except InputError as exc:
@@ -87,8 +92,8 @@ def segment_files(
             log(f"error: {exc}")
             continue
         mask = predictor.predict(image) >= threshold
-        save_png((mask * 255).astype(np.uint8), out / f"{path.stem}_mask.png")
-        save_png(make_overlay(image, mask), out / f"{path.stem}_overlay.png")
+        save_png((mask * 255).astype(np.uint8), out / f"{stem}_mask.png")
+        save_png(make_overlay(image, mask), out / f"{stem}_overlay.png")
         result.rows.append({"file": str(path), **measure(mask, mm_per_pixel)})
         write_measurements(out / "measurements.csv", result.rows)
     if not result.rows:
