@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -42,3 +44,52 @@ class SegmentationModel(nn.Module):
         """Probabilities in [0, 1] in eval mode."""
         self.eval()
         return torch.sigmoid(self(x))
+
+
+class UNetSkeleton(SegmentationModel):
+    """The U-Net topology shared by U-Net variants, parameterised by its blocks.
+
+    ``level(in, out)`` builds one encoder/decoder level; ``up(deep, shallow)`` maps the deeper
+    decoder feature to the skip's width at twice the resolution (after ``upsample`` when given).
+    Encoder: level, then 2x2 max-pool before each deeper level. Decoder: up, concatenate with the
+    skip, level. Head: 1x1 convolution to ``out_channels`` logits.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        features: Sequence[int],
+        level: Callable[[int, int], nn.Module],
+        up: Callable[[int, int], nn.Module],
+        upsample: nn.Module | None = None,
+    ):
+        super().__init__()
+        features = tuple(features)
+        self.size_divisor = 2 ** (len(features) - 1)
+        self.encoder = nn.ModuleList()
+        prev = in_channels
+        for width in features:
+            self.encoder.append(level(prev, width))
+            prev = width
+        self.pool = nn.MaxPool2d(2)
+        self.upsample = upsample if upsample is not None else nn.Identity()
+        self.up_convs = nn.ModuleList()
+        self.decoder = nn.ModuleList()
+        for deep, shallow in zip(features[:0:-1], features[-2::-1]):
+            self.up_convs.append(up(deep, shallow))
+            self.decoder.append(level(2 * shallow, shallow))
+        self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for i, level in enumerate(self.encoder):
+            if i:
+                x = self.pool(x)
+            x = level(x)
+            skips.append(x)
+        skips.pop()
+        for up_conv, level in zip(self.up_convs, self.decoder):
+            x = up_conv(self.upsample(x))
+            x = level(torch.cat([skips.pop(), x], dim=1))
+        return self.head(x)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import nn
 
-from .base import SegmentationModel
+from .base import UNetSkeleton
 from .blocks import SAConv
 from .registry import register_model
 
@@ -20,7 +19,7 @@ class SALevel(nn.Sequential):
 
 
 @register_model("sa_unet")
-class SAUNet(SegmentationModel):
+class SAUNet(UNetSkeleton):
     """Scale-attentional U-Net (Kim et al., Ultrasonography 2022;41:706-717, Fig. 1).
 
     Encoder: per level two SAConvs, then 2x2 max-pooling. Decoder: nearest-neighbour x2
@@ -48,32 +47,11 @@ class SAUNet(SegmentationModel):
         features: Sequence[int] = (32, 64, 128, 256, 512),
         n: int = 4,
     ):
-        super().__init__()
-        features = tuple(features)
-        self.size_divisor = 2 ** (len(features) - 1)
-        self.encoder = nn.ModuleList()
-        prev = in_channels
-        for width in features:
-            self.encoder.append(SALevel(prev, width, n))
-            prev = width
-        self.pool = nn.MaxPool2d(2)
-        self.upsample = nn.Upsample(scale_factor=2, mode="nearest")
-        self.up_convs = nn.ModuleList()
-        self.decoder = nn.ModuleList()
-        for deep, shallow in zip(features[:0:-1], features[-2::-1]):
-            self.up_convs.append(SAConv(deep, shallow, n))
-            self.decoder.append(SALevel(2 * shallow, shallow, n))
-        self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
-
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, level in enumerate(self.encoder):
-            if i:
-                x = self.pool(x)
-            x = level(x)
-            skips.append(x)
-        skips.pop()
-        for up_conv, level in zip(self.up_convs, self.decoder):
-            x = up_conv(self.upsample(x))
-            x = level(torch.cat([skips.pop(), x], dim=1))
-        return self.head(x)
+        super().__init__(
+            in_channels,
+            out_channels,
+            features,
+            level=lambda cin, cout: SALevel(cin, cout, n),
+            up=lambda deep, shallow: SAConv(deep, shallow, n),
+            upsample=nn.Upsample(scale_factor=2, mode="nearest"),
+        )
