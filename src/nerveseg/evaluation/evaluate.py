@@ -50,19 +50,22 @@ def select_subset(samples, predictor: Predictor, subset: str):
     return [s for s in samples if keep(s.stem)]
 
 
-def save_roc_plot(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path, label: str = "") -> None:
+def save_roc_plot(curves: dict[str, RocAccumulator], path: Path) -> None:
+    """One figure with the pooled pixel ROC of each named accumulator (the paper's Fig. 3)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot(fpr, tpr, lw=2, label=f"{label} AUC = {auc:.4f}".strip())
+    fig, ax = plt.subplots(figsize=(4.8, 4.8), dpi=120)
+    for name, roc in curves.items():
+        fpr, tpr = roc.curve()
+        ax.plot(fpr, tpr, lw=1.8, label=f"{name} (AUC {roc.auc():.4f})")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set_xlabel("False positive rate")
     ax.set_ylabel("True positive rate")
     ax.set_title("Pixel-level ROC (pooled over images)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1.01)
     fig.tight_layout()
@@ -71,11 +74,64 @@ def save_roc_plot(fpr: np.ndarray, tpr: np.ndarray, auc: float, path: Path, labe
     plt.close(fig)
 
 
+def evaluate_samples(
+    predictor: Predictor,
+    samples,
+    out_dir: str | Path,
+    label=None,
+    threshold: float = 0.5,
+    mm_per_pixel: float | None = None,
+    overlays: bool = True,
+    progress: bool = True,
+) -> tuple[list[dict], RocAccumulator, list[InputError]]:
+    """Predict and score each sample at its original resolution; unreadable pairs are returned."""
+    out = Path(out_dir)
+    spacing = None if mm_per_pixel is None else (mm_per_pixel, mm_per_pixel)
+    roc = RocAccumulator()
+    rows, problems = [], []
+    for sample in tqdm(samples, disable=not progress, desc="evaluate", unit="img"):
+        try:
+            image = read_image(sample.image_path)
+            truth = read_mask(sample.mask_path, label=label, image_shape=image.shape)
+        except InputError as exc:
+            problems.append(exc)
+            continue
+        prob = predictor.predict(image)
+        roc.update(prob, truth)
+        rows.append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold, spacing=spacing)})
+        if overlays:
+            save_png(make_overlay(image, prob >= threshold, truth), out / "overlays" / f"{sample.stem}.png")
+    return rows, roc, problems
+
+
+def write_per_image(path: Path, rows: list[dict], fields=PER_IMAGE_FIELDS) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({k: _fmt(r.get(k)) for k in fields} for r in rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_roc_histograms(roc: RocAccumulator, path: Path) -> None:
+    """The pooled ROC as two histograms, so curves of many runs can be merged later."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, pos=roc.pos_hist, neg=roc.neg_hist)
+
+
+def load_roc_histograms(path: Path) -> RocAccumulator:
+    with np.load(path, allow_pickle=False) as data:
+        roc = RocAccumulator(bins=len(data["pos"]))
+        roc.pos_hist += data["pos"]
+        roc.neg_hist += data["neg"]
+    return roc
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | Path,
     out_dir: str | Path,
-    label: int | None = None,
+    label=None,
     subset: str = "all",
     threshold: float = 0.5,
     mm_per_pixel: float | None = None,
@@ -83,7 +139,7 @@ def evaluate_run(
     progress: bool = True,
     log=None,
 ) -> dict:
-    """Write ``metrics.json``, ``per_image.csv``, ``roc.png`` and ``overlays/`` to ``out_dir``.
+    """Write ``metrics.json``, ``per_image.csv``, ``roc.png``, ``roc.npz`` and ``overlays/``.
 
     Returns the summary written to ``metrics.json``. Pairs that cannot be read are reported
     and skipped; ``metrics.json`` lists them under ``skipped``.
@@ -98,37 +154,20 @@ def evaluate_run(
         raise InputError(data_dir, f"no image/mask pairs to evaluate (subset {subset!r})", "check --data and --subset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    spacing = None if mm_per_pixel is None else (mm_per_pixel, mm_per_pixel)
-    roc = RocAccumulator()
-    rows = []
-    for sample in tqdm(samples, disable=not progress, desc="evaluate", unit="img"):
-        try:
-            image = read_image(sample.image_path)
-            truth = read_mask(sample.mask_path, label=label, image_shape=image.shape)
-        except InputError as exc:
-            problems.append(exc)
-            continue
-        prob = predictor.predict(image)
-        metrics = image_metrics(prob, truth, threshold=threshold, spacing=spacing)
-        roc.update(prob, truth)
-        rows.append({"stem": sample.stem, **metrics})
-        if overlays:
-            save_png(make_overlay(image, prob >= threshold, truth), out / "overlays" / f"{sample.stem}.png")
+    rows, roc, read_problems = evaluate_samples(
+        predictor, samples, out, label=label, threshold=threshold, mm_per_pixel=mm_per_pixel,
+        overlays=overlays, progress=progress,
+    )
+    problems += read_problems
     for problem in problems:
         log(f"warning: skipped {problem}")
     if not rows:
         raise InputError(data_dir, "none of the pairs could be read", "see the warnings above")
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: _fmt(r.get(k)) for k in PER_IMAGE_FIELDS} for r in rows)
-    atomic_write_text(out / "per_image.csv", buf.getvalue())
+    write_per_image(out / "per_image.csv", rows)
+    save_roc_histograms(roc, out / "roc.npz")
 
     summary = summarize(rows, keys=SUMMARY_KEYS)
-    fpr, tpr = roc.curve()
-    pooled_auc = roc.auc()
-    summary["pooled_auc"] = pooled_auc
+    summary["pooled_auc"] = roc.auc()
     summary.update(
         {
             "threshold": threshold,
@@ -141,7 +180,7 @@ def evaluate_run(
         }
     )
     atomic_write_json(out / "metrics.json", _jsonable(summary))
-    save_roc_plot(fpr, tpr, pooled_auc, out / "roc.png", label=predictor.config.model.arch)
+    save_roc_plot({predictor.config.model.arch: roc}, out / "roc.png")
     return summary
 
 
