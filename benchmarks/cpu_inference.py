@@ -8,24 +8,11 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 
 from nerveseg.models import count_gflops, count_parameters, create
-
-
-def median_ms(model, x, repeats: int, warmup: int = 3) -> float:
-    with torch.inference_mode():
-        for _ in range(warmup):
-            model(x)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(x)
-            times.append((time.perf_counter() - t0) * 1000)
-    return statistics.median(times)
+from nerveseg.models.complexity import cpu_latency_ms
 
 
 def main() -> None:
@@ -43,10 +30,8 @@ def main() -> None:
     for name in args.archs.split(","):
         torch.manual_seed(0)
         model = create(name).eval()
-        x = torch.randn(1, 1, args.size, args.size)
-        default = median_ms(model, x, args.repeats)
-        model = model.to(memory_format=torch.channels_last)
-        last = median_ms(model, x.contiguous(memory_format=torch.channels_last), args.repeats)
+        default = cpu_latency_ms(model, args.size, args.size, args.repeats, channels_last=False)
+        last = cpu_latency_ms(model, args.size, args.size, args.repeats, channels_last=True)
         print(f"| {name} | {count_parameters(model):,} | {count_gflops(model, args.size, args.size):.1f} | "
               f"{default:.0f} | {last:.0f} | {default / last:.2f}x |")
 

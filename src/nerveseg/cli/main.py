@@ -103,6 +103,38 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 0 if result.rows or not result.problems else 1
 
 
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from ..config import PreprocessConfig, TrainConfig
+    from ..evaluation.benchmark import BenchmarkConfig, run_benchmark
+
+    config = BenchmarkConfig(
+        data_dir=str(Path(args.data).resolve()),
+        archs=tuple(a.strip() for a in args.archs.split(",") if a.strip()),
+        label=args.label,
+        seeds=args.seeds,
+        folds=args.folds,
+        preprocess=PreprocessConfig(size=args.size),
+        train=TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+            augment=tuple(a for a in args.augment.split(",") if a), num_threads=args.threads, device=args.device,
+        ),
+        command="nerveseg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nerveseg") else "",
+    )
+    result = run_benchmark(config, args.out, resume=args.resume, progress=not args.quiet,
+                           measure_latency=not args.no_latency)
+    print(result["summary"])
+    print(f"wrote {args.out}/results.csv ({result['rows']} rows), summary.md, roc.png")
+    return 0
+
+
+def cmd_export_dataset(args: argparse.Namespace) -> int:
+    from ..data.export import export_nnunet
+
+    export_nnunet(args.data, args.out, label=args.label, folds=args.folds, seed=args.seed,
+                  dataset_id=args.dataset_id, name=args.name)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,6 +190,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("benchmark", help="train + evaluate several architectures on identical splits (paper Tables 2-3)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--label", type=_label, default=None)
+    p.add_argument("--archs", default="sa_unet,unet,unet_pp,attention_unet,multires_unet")
+    p.add_argument("--seeds", type=int, default=3, help="repetitions (the paper: 20)")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
+    p.add_argument("--augment", default="shear")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true", help="continue; finished runs are not redone")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_benchmark)
+
+    p = sub.add_parser("export-dataset", help="write the dataset and our fold split in nnU-Net v2 raw format")
+    p.add_argument("--data", required=True)
+    p.add_argument("--label", type=_label, default=None)
+    p.add_argument("--format", choices=("nnunet",), default="nnunet")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0, help="the fold seed; the same as `train --seed` / benchmark seed")
+    p.add_argument("--dataset-id", type=int, default=501)
+    p.add_argument("--name", default="NerveUS")
+    p.add_argument("--out", required=True, help="e.g. $nnUNet_raw")
+    p.set_defaults(func=cmd_export_dataset)
     return parser
 
 

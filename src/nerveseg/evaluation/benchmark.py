@@ -1,0 +1,285 @@
+"""``nerveseg benchmark``: the paper's comparison (Tables 2-3, Fig. 3) on any dataset.
+
+Every architecture is trained and evaluated under the identical recipe and split, for S seeds x
+K folds (repeated K-fold cross-validation: seed s fixes both the fold assignment and the
+initial weights, so two architectures with the same seed and fold see the same images).
+Each finished run leaves ``runs/<arch>/seed<s>_fold<f>/eval/``; a resumed benchmark skips those.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import io
+import json
+import math
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from ..data.samples import discover_samples
+from ..errors import ConfigError
+from ..inference.predictor import Predictor
+from ..io_utils import atomic_write_json, atomic_write_text
+from ..models import count_gflops, count_parameters, create, list_models
+from ..models.complexity import cpu_latency_ms
+from ..training.trainer import train
+from .evaluate import (
+    PER_IMAGE_FIELDS,
+    evaluate_samples,
+    load_roc_histograms,
+    save_roc_histograms,
+    save_roc_plot,
+    select_subset,
+    write_per_image,
+)
+from .metrics import RocAccumulator
+from .statistics import mean_sd, paired_wilcoxon, run_level_summary
+
+RESULT_FIELDS = ("arch", "seed", "fold", "device", "region") + PER_IMAGE_FIELDS
+
+
+@dataclass
+class BenchmarkConfig:
+    data_dir: str
+    archs: tuple[str, ...] = ("sa_unet", "unet")
+    label: int | str | None = None
+    seeds: int = 3
+    folds: int = 5
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    command: str = ""
+
+    def __post_init__(self) -> None:
+        self.archs = tuple(self.archs)
+        unknown = [a for a in self.archs if a not in list_models()]
+        if unknown:
+            raise ConfigError(f"unknown architecture(s) {unknown}; choose from {', '.join(list_models())}")
+        if len(set(self.archs)) != len(self.archs) or not self.archs:
+            raise ConfigError("--archs must list each architecture once")
+        if self.seeds < 1 or self.folds < 2:
+            raise ConfigError("need --seeds >= 1 and --folds >= 2")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["train"]["augment"] = list(self.train.augment)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BenchmarkConfig":
+        d = dict(d)
+        d["preprocess"] = PreprocessConfig(**d["preprocess"])
+        d["train"] = TrainConfig(**d["train"])
+        return cls(**d)
+
+
+def run_dir_for(out: Path, arch: str, seed: int, fold: int) -> Path:
+    return out / "runs" / arch / f"seed{seed}_fold{fold}"
+
+
+def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, samples_by_stem: dict) -> None:
+    run_dir = run_dir_for(out, arch, seed, fold)
+    run_config = RunConfig(
+        model=ModelConfig(arch),
+        preprocess=replace(cfg.preprocess),
+        data=DataConfig(cfg.data_dir, label=cfg.label, seed=seed, folds=cfg.folds, fold=fold),
+        train=replace(cfg.train),
+    )
+    t0 = time.perf_counter()
+    if not (run_dir / "model.safetensors").exists() or not _finished_training(run_dir, cfg.train.epochs):
+        train(run_config, run_dir, resume=(run_dir / "config.json").exists(), progress=False, log=lambda m: None)
+    train_seconds = time.perf_counter() - t0
+    predictor = Predictor.from_run(run_dir)
+    val = select_subset(list(samples_by_stem.values()), predictor, "val")
+    rows, roc, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
+    save_roc_histograms(roc, run_dir / "eval" / "roc.npz")
+    atomic_write_json(run_dir / "eval" / "timing.json", {"train_seconds": train_seconds})
+    write_per_image(run_dir / "eval" / "per_image.csv", rows)  # written last: marks the run finished
+
+
+def _finished_training(run_dir: Path, epochs: int) -> bool:
+    history = run_dir / "history.csv"
+    if not history.exists():
+        return False
+    with history.open(newline="") as f:
+        return len(list(csv.DictReader(f))) >= epochs
+
+
+def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> list[dict]:
+    rows = []
+    for seed in range(cfg.seeds):
+        for fold in range(cfg.folds):
+            for arch in cfg.archs:
+                path = run_dir_for(out, arch, seed, fold) / "eval" / "per_image.csv"
+                if not path.exists():
+                    continue
+                with path.open(newline="") as f:
+                    for row in csv.DictReader(f):
+                        sample = samples_by_stem.get(row["stem"])
+                        rows.append({
+                            "arch": arch, "seed": seed, "fold": fold,
+                            "device": sample.device if sample else "", "region": sample.region if sample else "",
+                            **row,
+                        })
+    return rows
+
+
+def write_results(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def _pm(mean: float, sd: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
+def efficiency(archs, cache_path: Path, latency: bool = True) -> dict[str, dict]:
+    """Parameters, GFLOPs and CPU ms at 512x512 per architecture (cached: measuring takes a while)."""
+    cached = json.loads(cache_path.read_text()) if cache_path.exists() else {}
+    for arch in archs:
+        if arch in cached and (cached[arch].get("cpu_ms") is not None or not latency):
+            continue
+        model = create(arch)
+        cached[arch] = {
+            "params": count_parameters(model),
+            "gflops_512": count_gflops(model, 512, 512),
+            "cpu_ms": cpu_latency_ms(model, 512, 512, repeats=5, warmup=1) if latency else None,
+        }
+    atomic_write_json(cache_path, cached)
+    return cached
+
+
+def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int) -> str:
+    archs = [a for a in cfg.archs if any(r["arch"] == a for r in rows)]
+    runs = {(r["arch"], r["seed"], r["fold"]) for r in rows}
+    single_run = all(sum(1 for (a, _, _) in runs if a == arch) == 1 for arch in archs)
+    sd_note = ("SD over images (one run per architecture)" if single_run
+               else "mean of the per-run means, SD over runs (seed x fold), as in the paper's repeated runs")
+    lines = [
+        "# Benchmark summary",
+        "",
+        f"- command: `{cfg.command}`" if cfg.command else "- command: (library call)",
+        f"- data: `{cfg.data_dir}` (label {cfg.label}), {cfg.folds}-fold cross-validation x {cfg.seeds} seed(s); "
+        f"{n_runs} run(s) finished",
+        f"- recipe: size {cfg.preprocess.size}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr}, "
+        f"schedule {cfg.train.schedule}, augment {'+'.join(cfg.train.augment) or 'none'}, soft Dice loss",
+        f"- machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
+        f"- date: {_dt.date.today().isoformat()}; wall time of the training and evaluation in this invocation: {wall_seconds / 60:.1f} min",
+        f"- metrics at the original resolution on each run's held-out fold; {sd_note}",
+        "",
+        "## Segmentation (the paper's Table 3)",
+        "",
+        "| architecture | precision | recall | DSC | HD (px) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for arch in archs:
+        arch_rows = [r for r in rows if r["arch"] == arch]
+        cells = [_pm(*run_level_summary(arch_rows, m)[:2], digits=1 if m == "hd" else 3) for m in ("precision", "recall", "dice", "hd")]
+        lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## All metrics and efficiency (the paper's Table 2)",
+        "",
+        "| architecture | HD95 (px) | AUC (mean per image) | zero-overlap rate | images | params | GFLOPs @512 | CPU ms @512 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for arch in archs:
+        arch_rows = [r for r in rows if r["arch"] == arch]
+        zero = [float(r["zero_overlap"]) for r in arch_rows if r["area_truth_px"] not in ("", "0")]
+        e = eff.get(arch, {})
+        ms = f"{e['cpu_ms']:.0f}" if e.get("cpu_ms") is not None else "n/a"
+        lines.append(
+            f"| {arch} | {_pm(*run_level_summary(arch_rows, 'hd95')[:2], digits=1)} | {_pm(*run_level_summary(arch_rows, 'auc')[:2])} | "
+            f"{(sum(zero) / len(zero) if zero else math.nan):.4f} | {len(arch_rows)} | {e.get('params', 0):,} | "
+            f"{e.get('gflops_512', math.nan):.2f} | {ms} |"
+        )
+    if "sa_unet" in archs and len(archs) > 1:
+        lines += [
+            "",
+            "## SA-UNet against each baseline: paired Wilcoxon signed-rank test on per-image DSC",
+            "",
+            "Pairs: the same image in the same seed and fold. Positive median difference = SA-UNet better.",
+            "",
+            "| baseline | pairs | median DSC difference (SA-UNet - baseline) | p-value (two-sided) |",
+            "| --- | ---: | ---: | ---: |",
+        ]
+        for arch in archs:
+            if arch == "sa_unet":
+                continue
+            w = paired_wilcoxon(rows, "sa_unet", arch)
+            p = "n/a" if math.isnan(w["p_value"]) else f"{w['p_value']:.3g}"
+            lines.append(f"| {arch} | {w['n']} | {w['median_difference']:+.4f} | {p} |")
+    for key in ("device", "region"):
+        groups = sorted({r[key] for r in rows if r[key]})
+        if not groups:
+            continue
+        lines += ["", f"## DSC by {key}", "", "| architecture | " + " | ".join(groups) + " |",
+                  "| --- |" + " --- |" * len(groups)]
+        for arch in archs:
+            cells = []
+            for g in groups:
+                m, sd, n = mean_sd(r["dice"] for r in rows if r["arch"] == arch and r[key] == g)
+                cells.append(f"{_pm(m, sd)} (n={n})")
+            lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
+                  measure_latency: bool = True, log=None) -> dict:
+    """Train and evaluate every (seed, fold, arch); write results.csv, summary.md and roc.png."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = Path(out_dir)
+    saved_path = out / "benchmark.json"
+    if saved_path.exists():
+        if not resume:
+            raise ConfigError(f"{out} already holds a benchmark; pass --resume to continue it or choose another --out")
+        saved = BenchmarkConfig.from_dict(json.loads(saved_path.read_text()))
+        if (saved.data_dir, saved.label, saved.folds, saved.preprocess, saved.train) != (
+            cfg.data_dir, cfg.label, cfg.folds, cfg.preprocess, cfg.train
+        ):
+            raise ConfigError(f"{out}: the recipe differs from the saved benchmark.json; use another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(saved_path, cfg.to_dict())
+
+    samples, problems = discover_samples(cfg.data_dir)
+    for problem in problems:
+        log(f"warning: skipped {problem}")
+    samples_by_stem = {s.stem: s for s in samples}
+    jobs = [(s, f, a) for s in range(cfg.seeds) for f in range(cfg.folds) for a in cfg.archs]
+    todo = [j for j in jobs if not (run_dir_for(out, j[2], j[0], j[1]) / "eval" / "per_image.csv").exists()]
+    if len(todo) < len(jobs):
+        log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already finished")
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress, unit="run", dynamic_ncols=True)
+    for seed, fold, arch in todo:
+        bar.set_description(f"{arch} seed {seed} fold {fold}")
+        _run_one(cfg, out, arch, seed, fold, samples_by_stem)
+        write_results(out / "results.csv", collect_results(cfg, out, samples_by_stem))
+        bar.update(1)
+    bar.close()
+
+    rows = collect_results(cfg, out, samples_by_stem)
+    write_results(out / "results.csv", rows)
+    eff = efficiency(cfg.archs, out / "efficiency.json", latency=measure_latency)
+    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(jobs))
+    atomic_write_text(out / "summary.md", summary)
+    curves: dict[str, RocAccumulator] = {}
+    for seed, fold, arch in jobs:
+        roc = load_roc_histograms(run_dir_for(out, arch, seed, fold) / "eval" / "roc.npz")
+        if arch in curves:
+            curves[arch].pos_hist += roc.pos_hist
+            curves[arch].neg_hist += roc.neg_hist
+        else:
+            curves[arch] = roc
+    save_roc_plot(curves, out / "roc.png")
+    return {"rows": len(rows), "runs": len(jobs), "summary": summary}

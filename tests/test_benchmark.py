@@ -1,0 +1,129 @@
+"""The architecture comparison: statistics against hand-computed cases, a tiny benchmark, resume."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+from scipy import stats
+
+from nerveseg.cli import main
+from nerveseg.errors import ConfigError
+from nerveseg.evaluation.statistics import mean_sd, paired_wilcoxon, run_level_summary
+
+
+def _rows(arch, values, seed=0, fold=0):
+    return [{"arch": arch, "seed": seed, "fold": fold, "stem": f"s{i}", "dice": v} for i, v in enumerate(values)]
+
+
+def test_wilcoxon_hand_computed():
+    # five pairs, every difference positive with distinct magnitudes: W- = 0, exact two-sided
+    # p = 2 / 2**5 = 0.0625
+    a = [0.9, 0.8, 0.7, 0.6, 0.5]
+    b = [0.8, 0.6, 0.65, 0.3, 0.35]
+    result = paired_wilcoxon(_rows("sa_unet", a) + _rows("unet", b), "sa_unet", "unet")
+    assert result["n"] == 5
+    assert result["p_value"] == pytest.approx(0.0625)
+    assert result["median_difference"] == pytest.approx(0.15)
+    # reversed roles: same p, negative median difference
+    rev = paired_wilcoxon(_rows("sa_unet", b) + _rows("unet", a), "sa_unet", "unet")
+    assert rev["p_value"] == pytest.approx(0.0625) and rev["median_difference"] == pytest.approx(-0.15)
+
+
+def test_wilcoxon_pairs_by_image_and_drops_missing_and_matches_scipy():
+    a = [0.91, 0.52, 0.77, 0.64, 0.88, 0.45, 0.7, 0.69]
+    b = [0.85, 0.6, 0.7, 0.5, 0.8, 0.5, 0.61, 0.66]
+    rows = _rows("sa_unet", a + [None]) + list(reversed(_rows("unet", b + [0.5])))  # order must not matter
+    result = paired_wilcoxon(rows, "sa_unet", "unet")
+    assert result["n"] == 8
+    assert result["p_value"] == pytest.approx(stats.wilcoxon(a, b).pvalue)
+    assert math.isnan(paired_wilcoxon(_rows("sa_unet", [0.5]) + _rows("unet", [0.4]), "sa_unet", "unet")["p_value"])
+
+
+def test_run_level_summary_is_mean_of_run_means_with_sd_over_runs():
+    rows = _rows("a", [0.2, 0.4], seed=0) + _rows("a", [0.6, 0.8, 1.0], seed=1)
+    mean, sd, n = run_level_summary(rows, "dice")
+    assert (mean, n) == (pytest.approx(0.55), 2)  # run means 0.3 and 0.8
+    assert sd == pytest.approx(math.sqrt(((0.3 - 0.55) ** 2 + (0.8 - 0.55) ** 2) / 1))
+    # one run: SD over images
+    assert run_level_summary(_rows("a", [0.2, 0.4]), "dice")[1] == pytest.approx(0.1414213, rel=1e-5)
+    assert mean_sd([1.0, None, "nan", 3.0]) == (2.0, pytest.approx(1.41421356), 2)
+
+
+def test_tiny_benchmark_writes_results_and_resumes(tmp_path, capsys):
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 12)
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", str(data), "--label", "1", "--archs", "sa_unet,unet", "--seeds", "1", "--folds", "2",
+            "--epochs", "1", "--size", "64", "--out", str(out), "--quiet", "--no-latency"]
+    assert main(args) == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 12  # every image is validated once per architecture
+    assert {r["arch"] for r in rows} == {"sa_unet", "unet"}
+    for arch in ("sa_unet", "unet"):
+        assert sorted(r["stem"] for r in rows if r["arch"] == arch) == [f"{i:03d}" for i in range(12)]
+    summary = (out / "summary.md").read_text()
+    for text in ("Table 3", "Table 2", "Wilcoxon", "| sa_unet |", "| unet |", "455,603"):
+        assert text in summary, text
+    assert (out / "roc.png").stat().st_size > 1000
+
+    # without --resume the folder is protected
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    # an interrupted benchmark: one run lost its evaluation -> only that run is redone
+    finished = out / "runs" / "unet" / "seed0_fold0" / "model.safetensors"
+    kept = out / "runs" / "sa_unet" / "seed0_fold1" / "model.safetensors"
+    before = kept.stat().st_mtime_ns
+    (out / "runs" / "unet" / "seed0_fold0" / "eval" / "per_image.csv").unlink()
+    assert main(args + ["--resume"]) == 0
+    assert kept.stat().st_mtime_ns == before  # not retrained
+    assert finished.exists()
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 24
+    assert "resuming: 3 of 4 runs already finished" in capsys.readouterr().err
+
+
+def test_benchmark_refuses_bad_arguments(tmp_path, ellipse_dataset):
+    from nerveseg.evaluation.benchmark import BenchmarkConfig
+
+    with pytest.raises(ConfigError, match="unknown architecture"):
+        BenchmarkConfig(str(ellipse_dataset), archs=("sa_unet", "nope"))
+    with pytest.raises(ConfigError):
+        BenchmarkConfig(str(ellipse_dataset), folds=1)
+
+
+def test_export_nnunet_writes_raw_format_with_our_folds(tmp_path):
+    import json
+
+    import numpy as np
+    from conftest import write_ellipse_dataset
+    from PIL import Image
+
+    from nerveseg.data import discover_samples, split_samples
+
+    data = write_ellipse_dataset(tmp_path / "data", 10)
+    (data / "manifest.csv").write_text("file,subject,split\n" + "".join(
+        f"{i:03d}.png,p{i // 2},{'test' if i >= 8 else ''}\n" for i in range(10)))
+    out = tmp_path / "raw"
+    assert main(["export-dataset", "--data", str(data), "--label", "1", "--format", "nnunet", "--folds", "2",
+                 "--out", str(out), "--dataset-id", "7", "--name", "Toy"]) == 0
+    root = out / "Dataset007_Toy"
+    meta = json.loads((root / "dataset.json").read_text())
+    assert meta["numTraining"] == 8 and meta["labels"] == {"background": 0, "nerve": 1} and meta["file_ending"] == ".png"
+    assert sorted(p.name for p in (root / "imagesTs").iterdir()) == ["008_0000.png", "009_0000.png"]
+    image = np.array(Image.open(root / "imagesTr" / "000_0000.png"))
+    label = np.array(Image.open(root / "labelsTr" / "000.png"))
+    assert image.shape == label.shape == (60, 76) and set(np.unique(label)) == {0, 1}
+    splits = json.loads((root / "splits_final.json").read_text())
+    assert len(splits) == 2
+    samples, _ = discover_samples(data)
+    for fold, split in enumerate(splits):
+        _, val = split_samples(samples, seed=0, folds=2, fold=fold)
+        assert split["val"] == sorted(s.stem for s in val)  # exactly the split `nerveseg train` uses
+        assert not set(split["train"]) & set(split["val"])
+        assert sorted(split["train"] + split["val"]) == [f"{i:03d}" for i in range(8)]
+        # subjects are never split across train and val
+        assert {int(c) // 2 for c in split["train"]}.isdisjoint({int(c) // 2 for c in split["val"]})
