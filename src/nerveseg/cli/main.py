@@ -27,14 +27,21 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     rows = []
     for name in list_models():
-        model = create(name)
+        try:
+            model = create(name)
+        except NerveSegError as exc:  # e.g. a MONAI peer without MONAI installed
+            rows.append({"name": name, "params": None, "gflops_512": None, "unavailable": str(exc)})
+            continue
         rows.append({"name": name, "params": count_parameters(model), "gflops_512": round(count_gflops(model, 512, 512), 3)})
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
-        print(f"{'name':<16}{'params':>12}{'GFLOPs@512':>12}")
+        print(f"{'name':<22}{'params':>12}{'GFLOPs@512':>12}")
         for r in rows:
-            print(f"{r['name']:<16}{r['params']:>12,}{r['gflops_512']:>12.2f}")
+            if r["params"] is None:
+                print(f"{r['name']:<22}unavailable: {r['unavailable']}")
+            else:
+                print(f"{r['name']:<22}{r['params']:>12,}{r['gflops_512']:>12.2f}")
     return 0
 
 

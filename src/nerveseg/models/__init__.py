@@ -1,6 +1,6 @@
 """Networks: blocks, one file per architecture, and the registry that builds them by name."""
 
-from . import sa_unet, unet  # noqa: F401  (registers the architectures)
+from . import attention_unet, monai_peers, multires_unet, sa_unet, unet, unet_pp  # noqa: F401  (registers the architectures)
 from .base import SegmentationModel
 from .blocks import ECA, SAConv, eca_kernel_size
 from .complexity import count_gflops, count_parameters
