@@ -142,6 +142,26 @@ def cmd_export_dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import os
+
+    from ..clinical.screening import Cutoffs, screen, write_screening_report
+
+    cutoffs = Cutoffs(wrist_csa_mm2=args.wrist_csa, wfr=args.wfr, delta_csa_mm2=args.delta_csa)
+    rows = screen(args.manifest, args.measurements, cutoffs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seg_dir = Path(args.measurements).parent
+    overlays = {
+        p.name[: -len("_overlay.png")]: os.path.relpath(p, out) for p in sorted(seg_dir.glob("*_overlay.png"))
+    }
+    write_screening_report(rows, out, cutoffs, overlays)
+    flagged = sum(1 for r in rows if r["any_flag"])
+    print(f"{len(rows)} subject/side pair(s), {flagged} with a flag; wrote {out}/screening.csv and report.md "
+          "(decision support only)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="NerveUS")
     p.add_argument("--out", required=True, help="e.g. $nnUNet_raw")
     p.set_defaults(func=cmd_export_dataset)
+
+    p = sub.add_parser("report", help="carpal tunnel screening: wrist/forearm CSA, WFR, delta-CSA (decision support)")
+    p.add_argument("--manifest", required=True, help="CSV with file, subject, region (wrist/forearm), side")
+    p.add_argument("--measurements", required=True, help="measurements.csv from `nerveseg segment` (calibrated)")
+    p.add_argument("--wrist-csa", type=_positive_float, default=10.0, help="wrist CSA cut-off, mm² (published 8.5-14)")
+    p.add_argument("--wfr", type=_positive_float, default=1.4, help="wrist-to-forearm ratio cut-off")
+    p.add_argument("--delta-csa", type=_positive_float, default=2.0, help="wrist minus forearm CSA cut-off, mm²")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Clinical use of measurements: carpal tunnel screening."""
