@@ -150,3 +150,16 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
 def test_resume_needs_a_run(tmp_path, ellipse_dataset):
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_config(ellipse_dataset, 1), tmp_path / "none", resume=True, progress=False)
+
+
+def test_training_without_validation_keeps_the_last_epoch(tmp_path, ellipse_dataset):
+    config = _config(ellipse_dataset, epochs=2)
+    config.data.val_fraction = 0.0
+    result = train(config, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["val_stems"] == [] and len(saved["train_stems"]) == 12
+    assert result.best_epoch == 2
+    last = load_file(str(tmp_path / "run" / "last.safetensors"))
+    best = load_file(str(tmp_path / "run" / "model.safetensors"))
+    for key, value in best.items():
+        torch.testing.assert_close(value, last[f"model.{key}"])

@@ -64,8 +64,8 @@ class DataConfig:
             self.val_fraction = None
         elif self.fold is not None:
             raise ConfigError("--fold needs --folds")
-        elif self.val_fraction is not None and not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        elif self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction} (0: train on everything)")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ConfigError("max_train_images must be >= 1")
 

@@ -75,10 +75,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         ),
     )
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
-    print(
-        f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
-        f"{result.epochs_run} epochs in {result.seconds:.0f} s"
-    )
+    if result.best_val_dice >= 0:
+        print(f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
+              f"{result.epochs_run} epochs in {result.seconds:.0f} s")
+    else:
+        print(f"trained {result.run_dir} without validation (last epoch kept), {result.epochs_run} epochs in {result.seconds:.0f} s")
     return 0
 
 
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--size", type=int, default=256, help="network input side; images are letterboxed to it")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--val-fraction", type=float, default=0.2, help="0: no validation, train on all and keep the last epoch")
     p.add_argument("--folds", type=int, default=None, help="K for K-fold cross-validation")
     p.add_argument("--fold", type=int, default=None, help="0-based validation fold")
     p.add_argument("--max-train-images", type=int, default=None, help="train on a seeded subset of this many images")

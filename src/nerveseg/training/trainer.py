@@ -114,6 +114,9 @@ def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
         raise InputError(config.data.data_dir, "no usable image/mask pairs", "see the warnings above")
     if config.data.folds is not None:
         train, val = split_samples(samples, seed=config.data.seed, folds=config.data.folds, fold=config.data.fold)
+    elif not config.data.val_fraction:
+        # no validation: train on every non-test image and keep the last epoch (final models)
+        train, val = [s for s in samples if s.split != "test"], []
     else:
         train, val = split_samples(samples, seed=config.data.seed, val_fraction=config.data.val_fraction)
     if config.data.max_train_images is not None and len(train) > config.data.max_train_images:
@@ -127,7 +130,8 @@ def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
     """Train ``config`` into ``out_dir``; with ``resume`` continue an interrupted run there.
 
-    Writes ``config.json``, ``model.safetensors`` (best validation Dice), ``last.safetensors``
+    Writes ``config.json``, ``model.safetensors`` (best validation Dice; the last epoch when
+    there is no validation set, ``val_fraction=0``), ``last.safetensors``
     (weights + optimizer + loop state for resuming) and ``history.csv``; every write is atomic.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
