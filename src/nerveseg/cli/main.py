@@ -99,15 +99,34 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spacing_xy(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected X,Y in mm per pixel, got {text!r}") from None
+    return x, y
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from ..inference import Predictor, segment_files
+    from ..inference.calibration import spacing_from_user
+    from ..inference.segment import SegmentOptions
+    from ..pretrained import pretrained_dir
 
-    predictor = Predictor.from_run(args.model, device=args.device)
-    result = segment_files(
-        args.inputs, predictor, args.out, mm_per_pixel=args.mm_per_pixel, threshold=args.threshold,
-        log=lambda m: print(m, file=sys.stderr),
+    model_dir = args.model or pretrained_dir()
+    predictor = Predictor.from_run(model_dir, device=args.device)
+    options = SegmentOptions(
+        threshold=args.threshold,
+        spacing=spacing_from_user(args.mm_per_pixel, args.spacing),
+        postprocess=args.postprocess,
+        min_area_px=args.min_area,
+        per_component=args.per_component,
+        labelme=args.labelme,
+        temporal_smoothing=args.temporal_smoothing,
     )
-    print(f"segmented {len(result.rows)} image(s) into {args.out}; {len(result.problems)} problem(s)")
+    result = segment_files(args.inputs, predictor, args.out, options, log=lambda m: print(m, file=sys.stderr))
+    print(f"segmented {len(result.rows)} row(s) from {args.out} inputs with {model_dir}; "
+          f"{len(result.problems)} problem(s); wrote {args.out}/measurements.csv")
     return 0 if result.rows or not result.problems else 1
 
 
@@ -210,12 +229,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("segment", help="segment images; write masks, overlays, measurements.csv")
-    p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--model", required=True, help="run folder written by `nerveseg train`")
+    p = sub.add_parser("segment", help="segment images, DICOM or cine loops; write masks, overlays, measurements.csv")
+    p.add_argument("inputs", nargs="+", help="image, DICOM or video files, or folders of them")
+    p.add_argument("--model", default=None, help="run folder from `nerveseg train` (default: the shipped SA-UNet)")
     p.add_argument("--out", required=True)
-    p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size in mm (else areas in pixels only)")
+    p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="isotropic pixel size in mm (overrides DICOM)")
+    p.add_argument("--spacing", type=_spacing_xy, default=None, help="X,Y pixel size in mm (overrides DICOM)")
     p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--postprocess", choices=("none", "largest", "min_area", "ellipse"), default="none")
+    p.add_argument("--min-area", type=int, default=0, help="drop components smaller than this many pixels")
+    p.add_argument("--per-component", action="store_true", help="one measurement row per component")
+    p.add_argument("--labelme", action="store_true", help="also write <stem>.json LabelMe polygons (correct and retrain)")
+    p.add_argument("--temporal-smoothing", type=float, default=0.0, help="cine loops: weight of previous frames (0-0.9)")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_segment)
 

@@ -1,39 +1,89 @@
-"""Segment files: masks, overlays and measurements; a bad file is reported and the rest go on."""
+"""Segment images, DICOM files and cine loops: masks, overlays, measurements.
+
+A file that cannot be read is reported and the rest go on; ``measurements.csv`` is rewritten
+atomically after every file, so an interrupted batch keeps every row it finished.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from ..data.io import IMAGE_EXTENSIONS, read_image
-from ..errors import InputError
-from ..io_utils import atomic_write_text
+from ..data.labelme import write_labelme
+from ..errors import ConfigError, InputError
+from ..io_utils import atomic_path, atomic_write_json, atomic_write_text
+from .calibration import (
+    Spacing,
+    dicom_spacing,
+    mask_roi,
+    read_dicom,
+    read_dicom_header,
+    resolve_spacing,
+    warn_once_no_calibration,
+)
+from .measure import MEASUREMENT_FIELDS, POSTPROCESS_MODES, measurement_rows, postprocess
 from .overlay import make_overlay, save_png
-from .predictor import Predictor
+from .video import VIDEO_EXTENSIONS, VideoWriter, read_video_frames, video_info
 
-MEASUREMENT_FIELDS = ("file", "area_px", "area_mm2", "n_components")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+SUPPORTED_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS + VIDEO_EXTENSIONS
+
+
+@dataclass
+class SegmentOptions:
+    """How to turn probabilities into masks and measurements."""
+
+    threshold: float = 0.5
+    spacing: Spacing | None = None  # from --mm-per-pixel / --spacing; wins over DICOM
+    postprocess: str = "none"
+    min_area_px: int = 0
+    per_component: bool = False
+    labelme: bool = False
+    temporal_smoothing: float = 0.0  # weight of the previous frames in an exponential average
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold < 1:
+            raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.postprocess not in POSTPROCESS_MODES:
+            raise ConfigError(f"unknown post-processing {self.postprocess!r}; choose from {', '.join(POSTPROCESS_MODES)}")
+        if not 0 <= self.temporal_smoothing < 1:
+            raise ConfigError(f"temporal smoothing must be in [0, 1), got {self.temporal_smoothing}")
 
 
 @dataclass
 class SegmentResult:
     rows: list[dict] = field(default_factory=list)
     problems: list[InputError] = field(default_factory=list)
+    videos: list[dict] = field(default_factory=list)  # per cine loop: file, frames, fps achieved
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_EXTENSIONS:
+        return True
+    if path.suffix:
+        return False
+    with open(path, "rb") as f:  # extension-less files from PACS exports: look for the DICM magic
+        f.seek(128)
+        return f.read(4) == b"DICM"
 
 
 def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[InputError]]:
-    """Files as given, folders expanded to their image files (sorted); missing paths reported."""
+    """Files as given, folders expanded to their supported files (sorted); missing paths reported."""
     files, problems = [], []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in SUPPORTED_EXTENSIONS)
             if not found:
-                problems.append(InputError(p, "folder holds no image files", f"supported: {', '.join(IMAGE_EXTENSIONS)}"))
+                problems.append(InputError(p, "folder holds no image, DICOM or video files",
+                                           f"supported: {', '.join(SUPPORTED_EXTENSIONS)}"))
             files.extend(found)
         elif p.exists():
             files.append(p)
@@ -42,14 +92,19 @@ def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[InputEr
     return files, problems
 
 
-def measure(mask: np.ndarray, mm_per_pixel: float | None) -> dict:
-    _, n_components = ndimage.label(mask, structure=np.ones((3, 3)))
-    area_px = int(mask.sum())
-    return {
-        "area_px": area_px,
-        "area_mm2": "" if mm_per_pixel is None else f"{area_px * mm_per_pixel**2:.4f}",
-        "n_components": int(n_components),
-    }
+def _open(path: Path) -> tuple[Iterator[np.ndarray], Spacing | None, dict]:
+    """Frames of any supported input, the file's own calibration, and facts about it."""
+    suffix = path.suffix.lower()
+    if suffix in VIDEO_EXTENSIONS:
+        info = video_info(path)
+        return read_video_frames(path), None, {"kind": "video", **info}
+    if _is_dicom(path):
+        frames, spacing, meta = read_dicom(path)
+        fps = 1000.0 / meta["frame_time_ms"] if meta.get("frame_time_ms") else None
+        return iter(frames), spacing, {"kind": "dicom", "n_frames": len(frames), "fps": fps, **meta}
+    if suffix in IMAGE_EXTENSIONS:
+        return iter([read_image(path)]), None, {"kind": "image", "n_frames": 1, "fps": None}
+    raise InputError(path, f"unsupported file type {suffix or '(none)'}", f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
 def write_measurements(path: Path, rows: Sequence[dict]) -> None:
@@ -60,19 +115,111 @@ def write_measurements(path: Path, rows: Sequence[dict]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
+def save_csa_plot(rows: Sequence[dict], path: Path, title: str) -> None:
+    """Cross-sectional area over the frames of a cine loop (mm² when calibrated, else px)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    calibrated = all(r["area_mm2"] != "" for r in rows)
+    key, unit = ("area_mm2", "mm²") if calibrated else ("area_px", "pixels")
+    frames = [int(r["frame"]) for r in rows]
+    values = [float(r[key]) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3), dpi=120)
+    ax.plot(frames, values, lw=1.5)
+    ax.set_xlabel("frame")
+    ax.set_ylabel(f"nerve CSA ({unit})")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
+    chunk: list[np.ndarray] = []
+    for frame in frames:
+        chunk.append(frame)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOptions, log) -> tuple[list[dict], dict | None]:
+    """Segment every frame of one input; returns its measurement rows and, for cine loops, stats."""
+    frames, file_spacing, meta = _open(path)
+    spacing = resolve_spacing(options.spacing, file_spacing, path, log)
+    header = None
+    if spacing is None and meta.get("spacing_problem"):
+        header = read_dicom_header(path)  # regions disagree: choose the region around each mask
+        log(f"warning: {path}: {meta['spacing_problem']}")
+    elif spacing is None:
+        warn_once_no_calibration(log)
+    multi = meta["n_frames"] != 1
+    rows: list[dict] = []
+    writer = None
+    previous = None
+    t0 = time.perf_counter()
+    index = 0
+    video_tmp = None
+    try:
+        for chunk in _chunks(frames, options.batch_size):
+            for image, prob in zip(chunk, predictor.predict_many(chunk, batch_size=options.batch_size)):
+                if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
+                    prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
+                previous = prob
+                mask = postprocess(prob >= options.threshold, options.postprocess, options.min_area_px)
+                frame_spacing = spacing
+                if header is not None and mask.any():
+                    try:
+                        frame_spacing = dicom_spacing(header, roi=mask_roi(mask), path=path)
+                    except InputError as exc:
+                        log(f"warning: {exc}")
+                rows.extend(measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component))
+                overlay = make_overlay(image, mask)
+                if multi:
+                    save_png((mask * 255).astype(np.uint8), out / f"{stem}_masks" / f"frame_{index:05d}.png")
+                    if writer is None:
+                        video_tmp = out / f".{stem}_overlay.partial.mp4"
+                        writer = VideoWriter(video_tmp, fps=meta.get("fps") or 25.0)
+                    writer.write(overlay)
+                else:
+                    save_png((mask * 255).astype(np.uint8), out / f"{stem}_mask.png")
+                    save_png(overlay, out / f"{stem}_overlay.png")
+                    if options.labelme:
+                        write_labelme(out / f"{stem}.json", mask, image_path=str(path.resolve()), label="nerve")
+                index += 1
+    finally:
+        if writer is not None:
+            writer.close()
+            video_tmp.replace(out / f"{stem}_overlay.mp4")  # only a finished video takes the final name
+    if index == 0:
+        raise InputError(path, "holds no frames", "check the file")
+    elapsed = time.perf_counter() - t0
+    stats = None
+    if multi:
+        whole = [r for r in rows if r["component"] == ""] or rows
+        save_csa_plot(whole, out / f"{stem}_csa.png", f"{path.name}: nerve CSA per frame")
+        stats = {"file": str(path), "frames": index, "seconds": round(elapsed, 3), "fps": round(index / elapsed, 2),
+                 "source_fps": meta.get("fps"), "temporal_smoothing": options.temporal_smoothing}
+    return rows, stats
+
+
 def segment_files(
     paths: Iterable[str | Path],
-    predictor: Predictor,
+    predictor,
     out_dir: str | Path,
-    mm_per_pixel: float | None = None,
-    threshold: float = 0.5,
+    options: SegmentOptions | None = None,
     log=print,
 ) -> SegmentResult:
-    """Write ``<stem>_mask.png`` (0/255), ``<stem>_overlay.png`` and ``measurements.csv``.
-
-    ``measurements.csv`` is rewritten atomically after every image, so an interrupted batch
-    keeps every row it finished.
-    """
+    """Write per input ``<stem>_mask.png`` + ``<stem>_overlay.png`` (+ ``<stem>.json`` LabelMe), or for
+    cine loops ``<stem>_masks/frame_NNNNN.png``, ``<stem>_overlay.mp4`` and ``<stem>_csa.png``; and
+    ``measurements.csv`` (one row per image or frame, or per component) and ``videos.json``."""
+    options = options or SegmentOptions()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files, problems = expand_inputs(paths)
@@ -86,15 +233,16 @@ def segment_files(
             stem = next(f"{path.stem}_{i}" for i in range(2, len(files) + 2) if f"{path.stem}_{i}" not in used_stems)
         used_stems.add(stem)
         try:
-            image = read_image(path)
+            rows, stats = segment_file(path, stem, predictor, out, options, log)
         except InputError as exc:
             result.problems.append(exc)
             log(f"error: {exc}")
             continue
-        mask = predictor.predict(image) >= threshold
-        save_png((mask * 255).astype(np.uint8), out / f"{stem}_mask.png")
-        save_png(make_overlay(image, mask), out / f"{stem}_overlay.png")
-        result.rows.append({"file": str(path), **measure(mask, mm_per_pixel)})
+        result.rows.extend(rows)
+        if stats:
+            result.videos.append(stats)
+            atomic_write_json(out / "videos.json", result.videos)
+            log(f"{path.name}: {stats['frames']} frames at {stats['fps']:.1f} frames/s")
         write_measurements(out / "measurements.csv", result.rows)
     if not result.rows:
         write_measurements(out / "measurements.csv", [])

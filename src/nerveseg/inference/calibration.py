@@ -1,0 +1,617 @@
+"""Pixel size in millimetres: from the user, or from a DICOM file's own calibration.
+
+A measurement in mm² is only as good as the pixel size behind it, so nothing here guesses: the
+pixel size comes from the command line (``--mm-per-pixel`` / ``--spacing``), from the DICOM
+*Sequence of Ultrasound Regions* (the calibration the scanner itself writes), or from DICOM
+*Pixel Spacing*; otherwise there is none and areas stay in pixels (see
+:func:`warn_once_no_calibration`).
+
+:func:`read_dicom` also reads the frames of a DICOM file the way :func:`nerveseg.data.io.read_image`
+reads an image: float32 in [0, 1], grey, every problem an :class:`~nerveseg.errors.InputError`
+naming the file and saying what to do.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nerveseg.data.io import MAX_IMAGE_PIXELS
+from nerveseg.errors import ConfigError, InputError
+
+__all__ = [
+    "MAX_DICOM_PIXELS",
+    "NO_CALIBRATION_MESSAGE",
+    "Spacing",
+    "dicom_spacing",
+    "mask_roi",
+    "read_dicom",
+    "read_dicom_header",
+    "resolve_spacing",
+    "spacing_from_user",
+    "warn_once_no_calibration",
+]
+
+MAX_DICOM_PIXELS: int = 250_000_000
+"""Largest number of pixels (frames * rows * columns) :func:`read_dicom` decodes: 1 GB as
+float32. Each frame must also stay under :data:`nerveseg.data.io.MAX_IMAGE_PIXELS`."""
+
+NO_CALIBRATION_MESSAGE = "no calibration: areas in pixels only; pass --mm-per-pixel or use calibrated DICOM"
+
+# ITU-R 601-2 luminance, the same weights as nerveseg.data.io uses for RGB images.
+_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+# DICOM PS3.3 C.8.5.5.1: (0018,6024) Physical Units X/Y Direction, 3 = cm.
+_UNITS_CM = 3
+# (0018,6014) Region Data Type: 1 = tissue; 0 = none / not applicable. Colour flow (2), Doppler
+# traces, ECG etc. are not the B-mode picture a nerve is segmented in.
+_TISSUE_DATA_TYPES = (0, 1)
+# (0018,6012) Region Spatial Format: 1 = 2D (tissue or flow); 0 = none. M-mode (2), spectral (3)
+# and waveform (4) regions have time, not length, on one axis.
+_SPATIAL_2D = (0, 1)
+_REL_TOL = 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Spacing
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spacing:
+    """Size of one pixel in millimetres, and where that number came from.
+
+    ``row_mm`` is the height of a pixel (the distance between two rows, DICOM's Y) and
+    ``col_mm`` its width (the distance between two columns, DICOM's X). ``source`` says where
+    the values came from, e.g. ``"user --mm-per-pixel"`` or
+    ``"DICOM SequenceOfUltrasoundRegions[0] (PhysicalDeltaX/Y, cm)"``, so every reported
+    area can be traced back to its calibration.
+    """
+
+    row_mm: float
+    col_mm: float
+    source: str
+
+    def __post_init__(self) -> None:
+        for name in ("row_mm", "col_mm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+                raise ConfigError(f"pixel spacing {name} must be a number, not {value!r}")
+            if not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"pixel spacing {name} must be a positive number of mm, not {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    @property
+    def area_mm2_per_px(self) -> float:
+        """Area of one pixel in mm² (``row_mm * col_mm``)."""
+        return self.row_mm * self.col_mm
+
+    @property
+    def is_isotropic(self) -> bool:
+        return math.isclose(self.row_mm, self.col_mm, rel_tol=_REL_TOL)
+
+    @property
+    def text(self) -> str:
+        """``"row x col"`` in mm, e.g. ``"0.06 x 0.06"`` (the ``spacing_mm`` measurement column)."""
+        return f"{self.row_mm:.6g} x {self.col_mm:.6g}"
+
+
+def _positive(value: Any, option: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{option} must be a number of mm, not {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{option} must be a number of mm, not {value!r}") from None
+    if not math.isfinite(number) or number <= 0:
+        raise ConfigError(f"{option} must be a positive number of mm per pixel, not {value!r}")
+    return number
+
+
+def spacing_from_user(
+    mm_per_pixel: float | None = None,
+    spacing: tuple[float, float] | None = None,
+) -> Spacing | None:
+    """The pixel size given on the command line, or None when none was given.
+
+    Parameters
+    ----------
+    mm_per_pixel : float, optional
+        ``--mm-per-pixel``: square pixels of this size in mm.
+    spacing : (float, float), optional
+        ``--spacing X Y``: pixel width then pixel height in mm, i.e. **(column, row)**, the
+        order of DICOM's PhysicalDeltaX/Y and of image "width x height". Give it for
+        non-square pixels.
+
+    Raises
+    ------
+    ConfigError
+        Both given, or a value that is not a positive, finite number.
+    """
+    if mm_per_pixel is not None and spacing is not None:
+        raise ConfigError("give either --mm-per-pixel or --spacing, not both")
+    if mm_per_pixel is not None:
+        size = _positive(mm_per_pixel, "--mm-per-pixel")
+        return Spacing(row_mm=size, col_mm=size, source="user --mm-per-pixel")
+    if spacing is not None:
+        if isinstance(spacing, (str, bytes)) or len(spacing) != 2:
+            raise ConfigError(f"--spacing takes two numbers, X (column) and Y (row) in mm, not {spacing!r}")
+        col_mm = _positive(spacing[0], "--spacing X")
+        row_mm = _positive(spacing[1], "--spacing Y")
+        return Spacing(row_mm=row_mm, col_mm=col_mm, source="user --spacing")
+    return None
+
+
+def resolve_spacing(
+    user: Spacing | None,
+    dicom: Spacing | None,
+    path: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Spacing | None:
+    """The pixel size to measure with: the user's when given, else the DICOM file's, else None.
+
+    **The user wins over DICOM**: ``--mm-per-pixel`` / ``--spacing`` is an explicit decision
+    (e.g. a known-wrong vendor calibration, or a resized export). When both are known and
+    differ by more than 1 %, ``log`` (stderr by default) gets a warning naming ``path`` and
+    both values, so an override never goes unnoticed. None when neither is known: the
+    caller reports areas in pixels (see :func:`warn_once_no_calibration`), never a guess.
+    """
+    if user is None:
+        return dicom
+    if dicom is not None and not (
+        math.isclose(user.row_mm, dicom.row_mm, rel_tol=0.01)
+        and math.isclose(user.col_mm, dicom.col_mm, rel_tol=0.01)
+    ):
+        log = log or (lambda msg: print(msg, file=sys.stderr))
+        where = f"{path}: " if path is not None else ""
+        log(f"warning: {where}{user.source} ({user.text} mm) overrides the file's calibration "
+            f"({dicom.source}: {dicom.text} mm)")
+    return user
+
+
+_warned_no_calibration = False
+
+
+def warn_once_no_calibration(log: Callable[[str], None] | None = None) -> bool:
+    """Tell the user, once per process, that areas are in pixels only; True if it did now.
+
+    ``log`` receives ``"warning: " + NO_CALIBRATION_MESSAGE`` (stderr by default).
+    """
+    global _warned_no_calibration
+    if _warned_no_calibration:
+        return False
+    _warned_no_calibration = True
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log(f"warning: {NO_CALIBRATION_MESSAGE}")
+    return True
+
+
+def _reset_no_calibration_warning() -> None:
+    """Forget that the warning was given (for tests)."""
+    global _warned_no_calibration
+    _warned_no_calibration = False
+
+
+# ------------------------------------------------------------------------------------------------
+# Spacing from DICOM
+# ------------------------------------------------------------------------------------------------
+
+
+def mask_roi(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """Bounding box ``(row0, col0, row1, col1)`` of a mask's foreground, or None when empty.
+
+    ``row1`` and ``col1`` are exclusive (Python slice / ``regionprops.bbox`` convention), the
+    ``roi`` that :func:`dicom_spacing` takes.
+    """
+    mask = np.asarray(mask)
+    rows = np.flatnonzero(mask.any(axis=1))
+    if rows.size == 0:
+        return None
+    cols = np.flatnonzero(mask.any(axis=0))
+    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
+
+
+def _check_roi(roi: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+    try:
+        row0, col0, row1, col1 = (int(v) for v in roi)
+    except (TypeError, ValueError):
+        raise ConfigError(f"roi must be four integers (row0, col0, row1, col1), not {roi!r}") from None
+    if row0 < 0 or col0 < 0 or row1 <= row0 or col1 <= col0:
+        raise ConfigError(f"roi {roi!r} is empty or negative; expected row0 < row1 and col0 < col1, "
+                          "row1/col1 exclusive")
+    return row0, col0, row1, col1
+
+
+def _int_or_none(item: Any, keyword: str) -> int | None:
+    value = item.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(item: Any, keyword: str) -> float | None:
+    value = item.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+@dataclass(frozen=True)
+class _Region:
+    index: int
+    min_x: int
+    min_y: int
+    max_x: int
+    max_y: int
+    delta_x_cm: float
+    delta_y_cm: float
+
+    def contains(self, roi: tuple[int, int, int, int]) -> bool:
+        row0, col0, row1, col1 = roi
+        return (self.min_y <= row0 and row1 - 1 <= self.max_y
+                and self.min_x <= col0 and col1 - 1 <= self.max_x)
+
+
+def _calibrated_regions(ds: Any) -> list[_Region]:
+    """The 2D tissue regions of SequenceOfUltrasoundRegions with a pixel size in cm."""
+    regions = []
+    for index, item in enumerate(ds.get("SequenceOfUltrasoundRegions") or []):
+        if (_int_or_none(item, "PhysicalUnitsXDirection") != _UNITS_CM
+                or _int_or_none(item, "PhysicalUnitsYDirection") != _UNITS_CM):
+            continue
+        data_type = _int_or_none(item, "RegionDataType")
+        if data_type is not None and data_type not in _TISSUE_DATA_TYPES:
+            continue
+        spatial = _int_or_none(item, "RegionSpatialFormat")
+        if spatial is not None and spatial not in _SPATIAL_2D:
+            continue
+        bounds = [_int_or_none(item, k) for k in
+                  ("RegionLocationMinX0", "RegionLocationMinY0", "RegionLocationMaxX1", "RegionLocationMaxY1")]
+        dx, dy = _float_or_none(item, "PhysicalDeltaX"), _float_or_none(item, "PhysicalDeltaY")
+        if any(b is None for b in bounds) or not dx or not dy:
+            continue
+        # The sign of a delta only says which way the axis runs; a pixel's size is its magnitude.
+        regions.append(_Region(index, *bounds, abs(dx), abs(dy)))  # type: ignore[arg-type]
+    return regions
+
+
+def _agree(a: float, b: float) -> bool:
+    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b))
+
+
+def dicom_spacing(
+    ds: Any,
+    roi: tuple[int, int, int, int] | None = None,
+    path: str | Path | None = None,
+) -> Spacing | None:
+    """The pixel size a DICOM dataset declares for ``roi``, or None when it declares none.
+
+    Parameters
+    ----------
+    ds : pydicom.Dataset
+        The dataset (pixel data not needed; see :func:`read_dicom_header`).
+    roi : (row0, col0, row1, col1), optional
+        Bounding box of the segmented area, ``row1``/``col1`` exclusive (see :func:`mask_roi`).
+        ``None`` (default) means the whole image: the area may lie in any region, so every
+        calibrated region applies and they must agree.
+    path : str or Path, optional
+        File name for error messages (default: ``ds.filename`` when it has one).
+
+    Returns
+    -------
+    Spacing or None
+        In this order:
+
+        1. *Sequence of Ultrasound Regions*: of the regions with Physical Units X and Y both
+           cm (3) and Region Data Type tissue (1) or unspecified, those that contain the roi
+           (RegionLocationMinX0/MinY0/MaxX1/MaxY1, inclusive). ``row_mm = PhysicalDeltaY * 10``
+           and ``col_mm = PhysicalDeltaX * 10`` (the deltas are cm per pixel); ``source``
+           names the region index, e.g. ``"DICOM SequenceOfUltrasoundRegions[0]
+           (PhysicalDeltaX/Y, cm)"``. No such region containing the roi: go on to 2.
+        2. *Pixel Spacing* (row, column in mm): ``source "DICOM PixelSpacing"``.
+        3. None. *Imager Pixel Spacing* is deliberately not used: it is the size at the
+           detector of a projection image, not in the patient, and means nothing in ultrasound.
+
+    Raises
+    ------
+    InputError
+        Several regions contain the roi and disagree on the pixel size (more than 1e-6
+        relative): the image holds views of different depth, and which one the nerve is in
+        is unknown. Crop to one region or pass ``--mm-per-pixel``.
+    """
+    if path is None:
+        path = getattr(ds, "filename", None) or None
+        if path is not None and not isinstance(path, (str, Path)):
+            path = None
+    regions = _calibrated_regions(ds)
+    if roi is not None:
+        roi = _check_roi(roi)
+        regions = [r for r in regions if r.contains(roi)]
+    if regions:
+        first = regions[0]
+        for other in regions[1:]:
+            if not (_agree(first.delta_x_cm, other.delta_x_cm) and _agree(first.delta_y_cm, other.delta_y_cm)):
+                listed = ", ".join(
+                    f"[{r.index}] {r.delta_x_cm * 10:.6g} x {r.delta_y_cm * 10:.6g} mm (X x Y)" for r in regions)
+                where = ("the whole image" if roi is None
+                         else f"the area rows {roi[0]}-{roi[2] - 1}, columns {roi[1]}-{roi[3] - 1}")
+                raise InputError(
+                    path,
+                    f"ultrasound regions disagree on the pixel size for {where}: {listed}",
+                    fix="crop to one region or pass --mm-per-pixel",
+                )
+        indices = ",".join(str(r.index) for r in regions)
+        return Spacing(
+            row_mm=first.delta_y_cm * 10.0,
+            col_mm=first.delta_x_cm * 10.0,
+            source=f"DICOM SequenceOfUltrasoundRegions[{indices}] (PhysicalDeltaX/Y, cm)",
+        )
+    pixel_spacing = ds.get("PixelSpacing")
+    if pixel_spacing is not None:
+        try:
+            row_mm, col_mm = (float(v) for v in pixel_spacing)
+        except (TypeError, ValueError):
+            raise InputError(path, f"PixelSpacing {pixel_spacing!r} is not two numbers",
+                             "fix the header or pass --mm-per-pixel") from None
+        try:
+            return Spacing(row_mm=row_mm, col_mm=col_mm, source="DICOM PixelSpacing")
+        except ConfigError:
+            raise InputError(path, f"PixelSpacing {row_mm:g}\\{col_mm:g} is not a positive pixel size",
+                             "fix the header or pass --mm-per-pixel") from None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading DICOM files
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise InputError(path, "DICOM file not found", "check the path and the file name")
+    if not path.is_file():
+        raise InputError(path, "is not a file (expected a DICOM file)", "give the path of a file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "is empty (zero-size file)", "copy the file again; it was not written completely")
+
+
+def _dcmread(path: Path, stop_before_pixels: bool) -> Any:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    _check_file(path)
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+    except InvalidDicomError as e:
+        raise InputError(path, "is not a DICOM file (no DICM marker after the 128-byte preamble)",
+                         "give a DICOM file, or an image file (PNG, JPEG, TIFF, BMP)") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # truncated or corrupt: EOFError, struct.error, ValueError, ...
+        raise InputError(path, f"is a corrupt or truncated DICOM file ({type(e).__name__}: {e})",
+                         "copy or export the file again") from e
+
+
+def read_dicom_header(path: str | Path) -> Any:
+    """The DICOM dataset without its pixel data (cheap), for :func:`dicom_spacing` with a roi.
+
+    Raises InputError for a missing, non-DICOM or corrupt file.
+    """
+    return _dcmread(Path(path), stop_before_pixels=True)
+
+
+def _pip_names(requirement: str) -> str:
+    """``"pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"`` -> ``"pylibjpeg pylibjpeg-libjpeg"``."""
+    _, _, needs = requirement.partition("requires")
+    names = [re.split(r"[<>=!~ ]", part.strip(), maxsplit=1)[0] for part in needs.split(" and ")]
+    return " ".join(n for n in names if n and n != "numpy")
+
+
+def _decoder_missing(path: Path, tsyntax: Any, missing: list[str]) -> InputError:
+    options = [_pip_names(m) for m in missing]
+    options = [o for o in options if o]
+    preferred = [o for o in options if o.startswith("pylibjpeg")] + [o for o in options if o == "pillow"]
+    suggestion = preferred[0] if preferred else (options[0] if options else "pylibjpeg pylibjpeg-libjpeg")
+    every = "; ".join(missing) if missing else "a pydicom decoder plugin"
+    return InputError(
+        path,
+        f"pixel data is compressed with {tsyntax.name} ({tsyntax}), and no installed decoder can read it",
+        f"pip install {suggestion} (any one of: {every}), or export the file uncompressed",
+    )
+
+
+def _decode(path: Path, ds: Any) -> tuple[np.ndarray, dict]:
+    """Pixel data as pydicom returns it, plus the pixel properties that describe that array.
+
+    ``Decoder.as_array`` is what ``Dataset.pixel_array`` runs (same defaults), but it also says
+    which photometric interpretation the returned array has. That matters for YCbCr: pydicom 3
+    converts YBR_FULL and YBR_FULL_422 to RGB by default (compressed or not), and a JPEG
+    plugin may already have done so; converting again would shift every colour.
+    """
+    from pydicom.pixels import get_decoder
+    from pydicom.uid import UID
+
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = UID(str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else ""))
+    if not tsyntax:
+        raise InputError(path, "has no Transfer Syntax UID in its file meta information",
+                         "re-save the file with a DICOM tool (e.g. dcmconv, gdcmconv)")
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        raise InputError(
+            path,
+            f"pixel data uses {tsyntax.name} ({tsyntax}), which pydicom cannot decode (e.g. an MPEG/H.264 cine loop)",
+            "export the frames uncompressed or as PNG images from the scanner or PACS",
+        ) from None
+    if not decoder.is_available:
+        raise _decoder_missing(path, tsyntax, list(decoder.missing_dependencies))
+    try:
+        arr, props = decoder.as_array(ds)
+    except MemoryError:
+        raise
+    except Exception as e:
+        raise InputError(path, f"pixel data cannot be decoded ({tsyntax.name}: {type(e).__name__}: {e})",
+                         "copy or export the file again, or export it uncompressed") from e
+    return arr, dict(props)
+
+
+def _frames_axis(arr: np.ndarray, samples: int) -> np.ndarray:
+    """Give every array a leading frame axis: (N, H, W) or (N, H, W, samples)."""
+    single = 2 if samples == 1 else 3
+    if arr.ndim == single:
+        return arr[np.newaxis]
+    return arr
+
+
+def _unit_scale(path: Path, arr: np.ndarray, bits: int, signed: bool) -> np.ndarray:
+    """Stored values -> float32 in [0, 1] by the full range of ``bits`` (signed: shifted by its min)."""
+    if arr.dtype.kind == "f":
+        raise InputError(path, "holds floating-point pixel data, which has no fixed grey range",
+                         "export the image as 8- or 16-bit integer pixel data")
+    bits = max(1, min(int(bits), 32))
+    out = arr.astype(np.float64 if bits > 24 else np.float32)
+    if signed:
+        out += 2.0 ** (bits - 1)
+    out /= 2.0 ** bits - 1.0
+    np.clip(out, 0.0, 1.0, out=out)
+    return out.astype(np.float32, copy=False)
+
+
+def _frame_time_ms(ds: Any) -> float | None:
+    """Time between frames in ms: FrameTime, else from CineRate or RecommendedDisplayFrameRate."""
+    frame_time = _float_or_none(ds, "FrameTime")
+    if frame_time is not None and frame_time > 0:
+        return frame_time
+    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
+        rate = _float_or_none(ds, keyword)
+        if rate is not None and rate > 0:
+            return 1000.0 / rate
+    return None
+
+
+def read_dicom(path: str | Path) -> tuple[np.ndarray, Spacing | None, dict]:
+    """Read the frames of a DICOM file as grey float images, with the file's pixel size.
+
+    Parameters
+    ----------
+    path : str or Path
+        A DICOM file (Part 10, with preamble), single- or multi-frame, uncompressed or
+        compressed with a transfer syntax an installed pydicom plugin decodes.
+
+    Returns
+    -------
+    frames : np.ndarray
+        float32 ``(N, H, W)`` in [0, 1]; N = 1 for a single frame. Values are divided by the
+        full range of Bits Stored (8 bits: /255, 12 bits: /4095); signed data is first shifted
+        by its minimum (+2^(bits-1)). MONOCHROME2 is kept, MONOCHROME1 inverted (so bright is
+        always echogenic), RGB becomes ITU-R 601-2 luminance (0.299, 0.587, 0.114) as for
+        image files, YBR_FULL/YBR_FULL_422 is converted to RGB first, and PALETTE COLOR is
+        looked up through its palette first. Modality/VOI LUTs are not applied.
+    spacing : Spacing or None
+        :func:`dicom_spacing` for the whole image. None when the file has no calibration, or
+        when it has several calibrated regions that disagree; then ``meta["spacing_problem"]``
+        says so, and ``dicom_spacing(read_dicom_header(path), roi=mask_roi(mask))`` gives the
+        pixel size of the region a mask lies in.
+    meta : dict
+        ``n_frames``, ``photometric`` (as stored in the file), ``frame_time_ms`` (FrameTime,
+        else 1000 / CineRate, else 1000 / RecommendedDisplayFrameRate, else None),
+        ``modality`` (e.g. "US", None when absent) and ``spacing_problem`` (None or a message).
+
+    Raises
+    ------
+    InputError
+        Missing, empty, non-DICOM or corrupt file; no pixel data; a compression no installed
+        plugin decodes (the message names the transfer syntax and the package to install);
+        an unsupported photometric interpretation; too many pixels.
+    """
+    path = Path(path)
+    ds = _dcmread(path, stop_before_pixels=False)
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise InputError(path, "holds no pixel data (it is not an image, e.g. a report or DICOMDIR)",
+                         "give the DICOM image file")
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise InputError(path, "holds floating-point pixel data, which has no fixed grey range",
+                         "export the image as 8- or 16-bit integer pixel data")
+    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    n_declared = _int_or_none(ds, "NumberOfFrames") or 1
+    if rows <= 0 or cols <= 0:
+        raise InputError(path, f"image has zero size ({rows}x{cols})", "remove or replace the file")
+    if rows * cols > MAX_IMAGE_PIXELS:
+        raise InputError(path, f"frame is too large ({rows * cols:,} pixels); the limit is {MAX_IMAGE_PIXELS:,}",
+                         "downsample or crop the image to the ultrasound field of view")
+    if rows * cols * n_declared > MAX_DICOM_PIXELS:
+        raise InputError(path, f"{n_declared} frames of {rows}x{cols} are too many pixels to load "
+                               f"({rows * cols * n_declared:,}; the limit is {MAX_DICOM_PIXELS:,})",
+                         "export fewer frames (e.g. split the cine loop)")
+
+    stored_pi = str(ds.get("PhotometricInterpretation", "")).strip()
+    arr, props = _decode(path, ds)
+    pi = str(props.get("photometric_interpretation", stored_pi)).strip()
+    samples = int(props.get("samples_per_pixel", ds.get("SamplesPerPixel", 1)) or 1)
+    bits = int(props.get("bits_stored", ds.get("BitsStored", ds.get("BitsAllocated", 8))) or 8)
+    signed = int(props.get("pixel_representation", ds.get("PixelRepresentation", 0)) or 0) == 1
+    arr = _frames_axis(arr, samples)
+
+    if pi in ("YBR_FULL", "YBR_FULL_422") and samples == 3:
+        from pydicom.pixels import convert_color_space
+
+        if arr.dtype != np.uint8:
+            raise InputError(path, f"{pi} pixel data with {bits} bits stored cannot be converted to RGB",
+                             "export the image as RGB or grey")
+        arr = convert_color_space(arr, pi, "RGB")
+        pi = "RGB"
+
+    if pi == "MONOCHROME2" and samples == 1:
+        frames = _unit_scale(path, arr, bits, signed)
+    elif pi == "MONOCHROME1" and samples == 1:
+        frames = 1.0 - _unit_scale(path, arr, bits, signed)
+    elif pi == "RGB" and samples == 3:
+        frames = _unit_scale(path, arr, bits, signed) @ _LUMA
+    elif pi == "PALETTE COLOR" and samples == 1:
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            rgb = apply_color_lut(arr, ds)
+        except MemoryError:
+            raise
+        except Exception as e:
+            raise InputError(path, f"its palette colour lookup table cannot be applied ({e})",
+                             "export the image as RGB or grey") from e
+        lut_bits = 16
+        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
+        if descriptor is not None and len(descriptor) == 3 and int(descriptor[2]) in (8, 16):
+            lut_bits = int(descriptor[2])
+        if rgb.size and int(rgb.max()) > 2 ** lut_bits - 1:  # 8-bit descriptor, 16-bit entries
+            lut_bits = 16
+        frames = _unit_scale(path, rgb[..., :3], lut_bits, False) @ _LUMA
+    else:
+        raise InputError(path, f"unsupported photometric interpretation '{pi}' with {samples} sample(s) per pixel",
+                         "export the image as MONOCHROME2 grey or RGB")
+
+    spacing_problem = None
+    try:
+        spacing = dicom_spacing(ds, path=path)
+    except InputError as e:
+        spacing, spacing_problem = None, e.problem
+    meta = {
+        "n_frames": int(frames.shape[0]),
+        "photometric": stored_pi,
+        "frame_time_ms": _frame_time_ms(ds),
+        "modality": str(ds.get("Modality", "") or "").strip() or None,
+        "spacing_problem": spacing_problem,
+    }
+    return np.ascontiguousarray(frames, dtype=np.float32), spacing, meta
