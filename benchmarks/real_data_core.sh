@@ -25,7 +25,7 @@ run() {  # name, then train arguments
 run sa_unet_paper_256_e30 --arch sa_unet --size 256 --epochs 30
 # E2: longer, cosine-annealed, flips + intensity augmentation
 run sa_unet_cos_256_e60_aug --arch sa_unet --size 256 --epochs 60 --schedule cosine --augment shear,hflip,gamma,contrast
-# E3: the U-Net baseline under E2's recipe
-run unet_cos_256_e60_aug --arch unet --size 256 --epochs 60 --schedule cosine --augment shear,hflip,gamma,contrast
-# E4: larger input
-run sa_unet_cos_384_e40_aug --arch sa_unet --size 384 --epochs 40 --schedule cosine --augment shear,hflip,gamma,contrast
+# E3: the U-Net baseline under the paper's recipe (same as E1)
+run unet_paper_256_e30 --arch unet --size 256 --epochs 30
+# E4: smaller input under the paper's recipe (what input size costs)
+run sa_unet_paper_128_e30 --arch sa_unet --size 128 --epochs 30

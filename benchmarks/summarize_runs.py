@@ -22,12 +22,6 @@ def fmt(metric: dict | None, digits: int = 3) -> str:
 
 def main(root: str) -> None:
     root_path = Path(root)
-    timings = {}
-    timing_file = root_path / "timings.txt"
-    if timing_file.exists():
-        for line in timing_file.read_text().splitlines():
-            name, _, seconds = line.split()
-            timings[name] = int(seconds)
     print("| run | arch | size | epochs | schedule | augment | params | best epoch | precision | recall | Dice | HD (px) | HD95 (px) | AUC (per image) | pooled AUC | zero overlap | n | train time |")
     print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: |")
     for metrics_path in sorted(root_path.glob("*/eval/metrics.json")):
@@ -38,7 +32,8 @@ def main(root: str) -> None:
             history = list(csv.DictReader(f))
         best = max(history, key=lambda r: float(r["val_dice"]))
         params = count_parameters(create(cfg.model.arch, **cfg.model.kwargs))
-        minutes = f"{timings[run.name] / 60:.0f} min" if run.name in timings else "n/a"
+        # training time = sum of the epochs' wall times in history.csv (excludes data loading)
+        minutes = f"{sum(float(r['seconds']) for r in history) / 60:.0f} min"
         print(
             f"| {run.name} | {cfg.model.arch} | {cfg.preprocess.size} | {cfg.train.epochs} | {cfg.train.schedule} | "
             f"{'+'.join(cfg.train.augment)} | {params:,} | {best['epoch']} | {fmt(m['precision'])} | {fmt(m['recall'])} | "

@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     summary = evaluate_run(
         args.model, args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
-        mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet,
+        mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet, backend=args.backend,
     )
     for key in ("precision", "recall", "dice", "hd", "hd95", "auc"):
         m = summary[key]
@@ -108,13 +108,14 @@ def _spacing_xy(text: str) -> tuple[float, float]:
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from ..inference import Predictor, segment_files
+    from ..inference import segment_files
     from ..inference.calibration import spacing_from_user
+    from ..inference.onnx_backend import load_predictor
     from ..inference.segment import SegmentOptions
     from ..pretrained import pretrained_dir
 
     model_dir = args.model or pretrained_dir()
-    predictor = Predictor.from_run(model_dir, device=args.device)
+    predictor = load_predictor(model_dir, backend=args.backend, device=args.device)
     options = SegmentOptions(
         threshold=args.threshold,
         spacing=spacing_from_user(args.mm_per_pixel, args.spacing),
@@ -182,6 +183,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..config import ModelConfig, RunConfig
+    from ..inference.onnx_backend import export_onnx, weights_sha256
+    from ..models import create
+    from ..pretrained import pretrained_dir
+    from ..training.checkpoint import load_weights
+
+    if args.arch:  # untrained weights, for benchmarking
+        config, model, digest = RunConfig(model=ModelConfig(args.arch)), create(args.arch), None
+    else:
+        run = Path(args.model) if args.model else pretrained_dir()
+        config = RunConfig.load(run / "config.json")
+        model = load_weights(create(config.model.arch, **config.model.kwargs), run / "model.safetensors")
+        digest = weights_sha256(run / "model.safetensors")
+    export_onnx(model, args.out, args.opset, config=config, weights_hash=digest)
+    print(f"wrote {args.out} ({config.model.arch}, dynamic batch/height/width, opset {args.opset})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -225,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size, for HD in mm")
     p.add_argument("--no-overlays", action="store_true")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: onnxruntime when installed (fastest on CPU), else torch")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
@@ -241,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-component", action="store_true", help="one measurement row per component")
     p.add_argument("--labelme", action="store_true", help="also write <stem>.json LabelMe polygons (correct and retrain)")
     p.add_argument("--temporal-smoothing", type=float, default=0.0, help="cine loops: weight of previous frames (0-0.9)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto: onnxruntime when installed (fastest on CPU), else torch")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_segment)
 
@@ -283,6 +307,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delta-csa", type=_positive_float, default=2.0, help="wrist minus forearm CSA cut-off, mm²")
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export a model to ONNX (dynamic height and width)")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    group.add_argument("--arch", default=None, help="export an untrained architecture (benchmarking)")
+    p.add_argument("--format", choices=("onnx",), default="onnx")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--out", required=True, help="FILE.onnx")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

@@ -15,6 +15,7 @@ from ..data.io import read_image, read_mask
 from ..data.samples import discover_samples
 from ..errors import ConfigError, InputError
 from ..inference.overlay import make_overlay, save_png
+from ..inference.onnx_backend import load_predictor
 from ..inference.predictor import Predictor
 from ..io_utils import atomic_path, atomic_write_json, atomic_write_text
 from .metrics import RocAccumulator, image_metrics, summarize
@@ -138,6 +139,7 @@ def evaluate_run(
     overlays: bool = True,
     progress: bool = True,
     log=None,
+    backend: str = "auto",
 ) -> dict:
     """Write ``metrics.json``, ``per_image.csv``, ``roc.png``, ``roc.npz`` and ``overlays/``.
 
@@ -145,7 +147,7 @@ def evaluate_run(
     and skipped; ``metrics.json`` lists them under ``skipped``.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    predictor = Predictor.from_run(run_dir)
+    predictor = load_predictor(run_dir, backend=backend)
     if label is None:
         label = predictor.config.data.label
     samples, problems = discover_samples(data_dir)
