@@ -1,0 +1,131 @@
+"""CPU speed of nerveseg's inference and training paths, as ratios measured in one run.
+
+Usage: python benchmarks/latency.py [--threads 2] [--repeats 10] [--archs sa_unet,unet] [--out docs/latency.json]
+
+For each architecture at 512x512, batch 1: eager fp32 (default layout), eager channels_last,
+channels_last + bf16 autocast, and onnxruntime (ORT_ENABLE_ALL and ORT_ENABLE_BASIC). Then frames
+per second of the fastest exact path at native ultrasound sizes (442x565, 576x864), and training-step
+throughput (batch 4, 256x256) in fp32 eager vs channels_last + bf16 autocast. Medians of `repeats`
+after warm-up. Nothing here is a test: numbers depend on the machine and its load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nerveseg.models import create
+from nerveseg.training.losses import soft_dice_loss
+
+
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def ort_session(path: Path, threads: int, level: str):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def inference_variants(arch: str, threads: int, repeats: int, tmp: Path) -> dict:
+    from nerveseg.inference.onnx_backend import export_onnx
+
+    torch.manual_seed(0)
+    model = create(arch).eval()
+    x = torch.randn(1, 1, 512, 512)
+    results = {}
+    with torch.inference_mode():
+        results["eager fp32"] = median_ms(lambda: model(x), repeats)
+        model = model.to(memory_format=torch.channels_last)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        results["eager fp32 channels_last"] = median_ms(lambda: model(xc), repeats)
+
+        def bf16():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(xc)
+
+        results["eager bf16 autocast channels_last"] = median_ms(bf16, repeats)
+    path = export_onnx(create(arch).eval(), tmp / f"{arch}.onnx")
+    feed = {"image": x.numpy()}
+    for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"):
+        session = ort_session(path, threads, level)
+        results[f"onnxruntime fp32 {level}"] = median_ms(lambda: session.run(None, feed), repeats)
+    fps = {}
+    session = ort_session(path, threads, "ORT_ENABLE_ALL")
+    for h, w in ((442, 565), (576, 864)):
+        frame = {"image": np.random.default_rng(0).standard_normal((1, 1, h, w), dtype=np.float32)}
+        fps[f"{h}x{w}"] = 1000 / median_ms(lambda: session.run(None, frame), repeats)
+    return {"latency_ms_512": results, "fps_onnxruntime": fps}
+
+
+def training_throughput(arch: str, repeats: int) -> dict:
+    out = {}
+    for name, channels_last, amp in (("fp32 eager", False, False), ("channels_last + bf16 autocast", True, True)):
+        torch.manual_seed(0)
+        model = create(arch).train()
+        x, y = torch.randn(4, 1, 256, 256), (torch.rand(4, 1, 256, 256) > 0.9).float()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last)
+        opt = torch.optim.Adam(model.parameters(), lr=5e-4)
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                logits = model(x)
+            loss = soft_dice_loss(logits, y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+        out[name] = 4 * 1000 / median_ms(step, max(3, repeats // 2), warmup=1)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--archs", default="sa_unet,unet")
+    parser.add_argument("--out", default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    report = {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
+              "torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "archs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.archs.split(","):
+            r = inference_variants(arch, args.threads, args.repeats, Path(tmp))
+            r["train_images_per_s_256_batch4"] = training_throughput(arch, args.repeats)
+            report["archs"][arch] = r
+            base = r["latency_ms_512"]["eager fp32"]
+            print(f"\n{arch}: 512x512 batch 1, {args.threads} threads (median ms, ratio to eager fp32)")
+            for name, ms in r["latency_ms_512"].items():
+                print(f"  {name:<40} {ms:8.1f} ms  x{base / ms:5.2f}")
+            for size, fps in r["fps_onnxruntime"].items():
+                print(f"  onnxruntime frames/s at {size:<17} {fps:8.1f}")
+            for name, ips in r["train_images_per_s_256_batch4"].items():
+                print(f"  training images/s (256, batch 4) {name:<30} {ips:6.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
