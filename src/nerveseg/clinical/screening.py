@@ -14,7 +14,6 @@ whether a patient has carpal tunnel syndrome. Cut-off sources (see docs/CLINICAL
 from __future__ import annotations
 
 import csv
-import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 
 from ..data.samples import read_manifest
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_write_text
+from ..io_utils import atomic_write_csv, atomic_write_text
 
 SCREENING_FIELDS = (
     "subject", "side", "wrist_csa_mm2", "forearm_csa_mm2", "wfr", "delta_csa_mm2",
@@ -140,11 +139,7 @@ def write_screening_report(rows: list[dict], out_dir: str | Path, cutoffs: Cutof
                            overlays: dict[str, str] | None = None) -> None:
     """``screening.csv`` and a readable ``report.md`` (with overlay links when given)."""
     out = Path(out_dir)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=SCREENING_FIELDS)
-    writer.writeheader()
-    writer.writerows({k: _cell(r[k]) for k in SCREENING_FIELDS} for r in rows)
-    atomic_write_text(out / "screening.csv", buf.getvalue())
+    atomic_write_csv(out / "screening.csv", ({k: _cell(r[k]) for k in SCREENING_FIELDS} for r in rows), SCREENING_FIELDS)
     lines = [
         "# Median nerve CSA screening report",
         "",

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
-import io
 import json
 import math
 import platform
@@ -26,7 +25,7 @@ from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, Train
 from ..data.samples import discover_samples
 from ..errors import ConfigError
 from ..inference.predictor import Predictor
-from ..io_utils import atomic_write_json, atomic_write_text
+from ..io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
 from ..models import count_gflops, count_parameters, create, list_models
 from ..models.complexity import cpu_latency_ms
 from ..training.trainer import train
@@ -131,11 +130,7 @@ def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> l
 
 
 def write_results(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=RESULT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, RESULT_FIELDS)
 
 
 def _pm(mean: float, sd: float, digits: int = 3) -> str:

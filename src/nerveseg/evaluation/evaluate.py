@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import sys
 from pathlib import Path
@@ -17,7 +15,7 @@ from ..errors import ConfigError, InputError
 from ..inference.overlay import make_overlay, save_png
 from ..inference.onnx_backend import load_predictor
 from ..inference.predictor import Predictor
-from ..io_utils import atomic_path, atomic_write_json, atomic_write_text
+from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
 from .metrics import RocAccumulator, image_metrics, summarize
 
 PER_IMAGE_FIELDS = (
@@ -106,11 +104,7 @@ def evaluate_samples(
 
 
 def write_per_image(path: Path, rows: list[dict], fields=PER_IMAGE_FIELDS) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows({k: _fmt(r.get(k)) for k in fields} for r in rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, ({k: _fmt(r.get(k)) for k in fields} for r in rows), fields)
 
 
 def save_roc_histograms(roc: RocAccumulator, path: Path) -> None:

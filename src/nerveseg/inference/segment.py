@@ -6,8 +6,6 @@ atomically after every file, so an interrupted batch keeps every row it finished
 
 from __future__ import annotations
 
-import csv
-import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 from ..data.io import IMAGE_EXTENSIONS, read_image
 from ..data.labelme import write_labelme
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_path, atomic_write_json, atomic_write_text
+from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
 from .calibration import (
     Spacing,
     dicom_spacing,
@@ -108,11 +106,7 @@ def _open(path: Path) -> tuple[Iterator[np.ndarray], Spacing | None, dict]:
 
 
 def write_measurements(path: Path, rows: Sequence[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=MEASUREMENT_FIELDS, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, MEASUREMENT_FIELDS)
 
 
 def save_csa_plot(rows: Sequence[dict], path: Path, title: str) -> None:

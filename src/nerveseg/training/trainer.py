@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import math
 import sys
 import time
@@ -20,7 +19,7 @@ from ..data.augment import augment_batch
 from ..data.cache import TensorSet, load_tensor_set
 from ..data.samples import discover_samples, split_samples
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_write_json, atomic_write_text
+from ..io_utils import atomic_write_csv, atomic_write_json
 from ..models import create
 from .checkpoint import load_training_state, save_training_state, save_weights
 from .losses import soft_dice_loss
@@ -98,11 +97,7 @@ def _read_history(path: Path) -> list[dict]:
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=HISTORY_FIELDS)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write_csv(path, rows, HISTORY_FIELDS)
 
 
 def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
