@@ -16,8 +16,10 @@ are imported only when used.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
 import json
 import warnings
 from pathlib import Path
@@ -250,11 +252,23 @@ def _name_dynamic_dims(proto) -> None:
                 dims[axis].dim_param = name
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """The exporter logs one line per torchvision operator it cannot register; nerveseg does
+    not use torchvision, so those lines are noise on every `segment` call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "torchvision is not installed" not in record.getMessage()
+
+
 def _export_dynamo(net: nn.Module, example: torch.Tensor, opset: int):
     from torch.export import Dim
 
     dims = {axis: Dim(name) for axis, name in _DIM_NAMES.items()}
-    with warnings.catch_warnings():
+    registration_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice_filter = _NoTorchvisionNotice()
+    registration_log.addFilter(notice_filter)
+    with contextlib.ExitStack() as stack, warnings.catch_warnings():
+        stack.callback(registration_log.removeFilter, notice_filter)
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             net,
