@@ -13,4 +13,6 @@ nerveseg train --data "$DATA" --label 1 --val-fraction 0 --seed 0 --arch sa_unet
 # ship the weights and the resolved config (the data path is the only machine-specific field)
 mkdir -p src/nerveseg/pretrained/sa_unet_usgra
 cp "$RUN/model.safetensors" "$RUN/config.json" src/nerveseg/pretrained/sa_unet_usgra/
+# and its ONNX export (carrying the weights' SHA-256), so the default backend never exports at run time
+nerveseg export --model src/nerveseg/pretrained/sa_unet_usgra --format onnx --out src/nerveseg/pretrained/sa_unet_usgra/model.onnx
 echo "shipped $(du -h src/nerveseg/pretrained/sa_unet_usgra/model.safetensors | cut -f1) of weights"

@@ -30,6 +30,9 @@ class TensorSet:
     def __len__(self) -> int:
         return len(self.stems)
 
+    def to(self, device) -> "TensorSet":
+        return TensorSet(self.stems, self.images.to(device), self.masks.to(device), self.stats.to(device))
+
 
 def load_tensor_set(
     samples: Sequence[Sample],

@@ -157,6 +157,10 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         raise InputError(config.data.data_dir, "no usable training pairs", "see the warnings above")
     config.train_stems, config.val_stems = train_set.stems, val_set.stems
     config.nerveseg_version = __version__
+    # keep the decoded set on the training device: on a GPU, batches and their augmentation then
+    # never cross the bus (the random draws still come from the CPU generator, so a run is the
+    # same on either device up to floating point)
+    train_set, val_set = train_set.to(device), val_set.to(device)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(config_path, config.to_dict())
 
@@ -187,7 +191,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         epoch_start = time.perf_counter()
         # one generator per epoch seeded by (seed, epoch): a resumed run draws the same batches
         gen = torch.Generator().manual_seed(config.data.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_set), generator=gen)
+        order = torch.randperm(len(train_set), generator=gen).to(device)
         losses = []
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
         for step in range(steps_per_epoch):
