@@ -153,7 +153,20 @@ def efficiency(archs, cache_path: Path, latency: bool = True) -> dict[str, dict]
     return cached
 
 
-def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int) -> str:
+def total_train_seconds(cfg: BenchmarkConfig, out: Path) -> float:
+    """Sum of the training times the runs recorded (each run's own, whichever call trained it)."""
+    total = 0.0
+    for seed in range(cfg.seeds):
+        for fold in range(cfg.folds):
+            for arch in cfg.archs:
+                path = run_dir_for(out, arch, seed, fold) / "eval" / "timing.json"
+                if path.exists():
+                    total += json.loads(path.read_text())["train_seconds"]
+    return total
+
+
+def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int,
+                   train_seconds: float = 0.0) -> str:
     archs = [a for a in cfg.archs if any(r["arch"] == a for r in rows)]
     runs = {(r["arch"], r["seed"], r["fold"]) for r in rows}
     single_run = all(sum(1 for (a, _, _) in runs if a == arch) == 1 for arch in archs)
@@ -169,7 +182,8 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
         f"schedule {cfg.train.schedule}, augment {'+'.join(cfg.train.augment) or 'none'}, soft Dice loss",
         f"- machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
-        f"- date: {_dt.date.today().isoformat()}; wall time of the training and evaluation in this invocation: {wall_seconds / 60:.1f} min",
+        f"- date: {_dt.date.today().isoformat()}; training time summed over runs: {train_seconds / 60:.1f} min; "
+        f"wall time of this invocation: {wall_seconds / 60:.1f} min",
         f"- metrics at the original resolution on each run's held-out fold; {sd_note}",
         "",
         "## Segmentation (the paper's Table 3)",
@@ -266,7 +280,7 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
     rows = collect_results(cfg, out, samples_by_stem)
     write_results(out / "results.csv", rows)
     eff = efficiency(cfg.archs, out / "efficiency.json", latency=measure_latency)
-    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(jobs))
+    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(jobs), total_train_seconds(cfg, out))
     atomic_write_text(out / "summary.md", summary)
     curves: dict[str, RocAccumulator] = {}
     for seed, fold, arch in jobs:
