@@ -45,7 +45,7 @@ and would exhaust memory once converted to float and batched."""
 
 # Luminance weights of ITU-R 601-2, the ones PIL's convert("L") uses, but applied in float so that
 # no precision is lost to PIL's integer rounding.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 _EXIF_ORIENTATION = 0x0112
 
@@ -183,7 +183,7 @@ def _to_grey_float(path: Path, img: Image.Image) -> np.ndarray:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
     else:
         raise InputError(path, f"unsupported image mode '{mode}'", "save the image as 8-bit grey or RGB PNG")
-    return rgb @ _LUMA / np.float32(255.0)
+    return rgb @ LUMA_WEIGHTS / np.float32(255.0)
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nerveseg.data.io import MAX_IMAGE_PIXELS
+from nerveseg.data.io import LUMA_WEIGHTS, MAX_IMAGE_PIXELS
 from nerveseg.errors import ConfigError, InputError
 
 __all__ = [
@@ -45,7 +45,6 @@ float32. Each frame must also stay under :data:`nerveseg.data.io.MAX_IMAGE_PIXEL
 NO_CALIBRATION_MESSAGE = "no calibration: areas in pixels only; pass --mm-per-pixel or use calibrated DICOM"
 
 # ITU-R 601-2 luminance, the same weights as nerveseg.data.io uses for RGB images.
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 # DICOM PS3.3 C.8.5.5.1: (0018,6024) Physical Units X/Y Direction, 3 = cm.
 _UNITS_CM = 3
@@ -580,7 +579,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, Spacing | None, dict]:
     elif pi == "MONOCHROME1" and samples == 1:
         frames = 1.0 - _unit_scale(path, arr, bits, signed)
     elif pi == "RGB" and samples == 3:
-        frames = _unit_scale(path, arr, bits, signed) @ _LUMA
+        frames = _unit_scale(path, arr, bits, signed) @ LUMA_WEIGHTS
     elif pi == "PALETTE COLOR" and samples == 1:
         from pydicom.pixels import apply_color_lut
 
@@ -597,7 +596,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, Spacing | None, dict]:
             lut_bits = int(descriptor[2])
         if rgb.size and int(rgb.max()) > 2 ** lut_bits - 1:  # 8-bit descriptor, 16-bit entries
             lut_bits = 16
-        frames = _unit_scale(path, rgb[..., :3], lut_bits, False) @ _LUMA
+        frames = _unit_scale(path, rgb[..., :3], lut_bits, False) @ LUMA_WEIGHTS
     else:
         raise InputError(path, f"unsupported photometric interpretation '{pi}' with {samples} sample(s) per pixel",
                          "export the image as MONOCHROME2 grey or RGB")

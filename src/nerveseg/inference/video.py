@@ -8,10 +8,10 @@ from typing import Iterator
 
 import numpy as np
 
+from ..data.io import LUMA_WEIGHTS
 from ..errors import InputError
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
-_LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
 def _av():
@@ -43,7 +43,7 @@ def read_video_frames(path: str | Path) -> Iterator[np.ndarray]:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
                 rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
-                yield (rgb @ _LUMA) / 255.0
+                yield (rgb @ LUMA_WEIGHTS) / 255.0
     except av.error.FFmpegError as exc:
         raise InputError(path, f"video decoding failed ({exc})", "re-export the cine loop; frames read so far are kept") from None
 
