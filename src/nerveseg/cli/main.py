@@ -126,7 +126,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
         temporal_smoothing=args.temporal_smoothing,
     )
     result = segment_files(args.inputs, predictor, args.out, options, log=lambda m: print(m, file=sys.stderr))
-    print(f"segmented {len(result.rows)} row(s) from {args.out} inputs with {model_dir}; "
+    n_inputs = len({row["file"] for row in result.rows})
+    print(f"segmented {n_inputs} input(s) with the model in {model_dir}: {len(result.rows)} measurement row(s), "
           f"{len(result.problems)} problem(s); wrote {args.out}/measurements.csv")
     return 0 if result.rows or not result.problems else 1
 
