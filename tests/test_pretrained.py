@@ -11,6 +11,7 @@ from PIL import Image
 from nerveseg.cli import main
 from nerveseg.config import RunConfig
 from nerveseg.evaluation.metrics import image_metrics
+from nerveseg.inference.calibration import _reset_no_calibration_warning
 from nerveseg.inference.onnx_backend import onnx_metadata, weights_sha256
 from nerveseg.inference.predictor import Predictor
 from nerveseg.models import count_parameters
@@ -28,6 +29,7 @@ def test_shipped_model_is_complete_and_consistent():
 
 
 def test_segment_without_model_argument(tmp_path, capsys):
+    _reset_no_calibration_warning()  # warned once per process: other tests may have used it up
     Image.fromarray((np.random.default_rng(0).random((120, 150)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
     out = tmp_path / "out"
     assert main(["segment", str(tmp_path / "a.png"), "--out", str(out)]) == 0
