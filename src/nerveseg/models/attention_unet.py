@@ -94,13 +94,7 @@ class AttentionUNet(UNetSkeleton):
         )
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
-        skips = []
-        for i, level in enumerate(self.encoder):
-            if i:
-                x = self.pool(x)
-            x = level(x)
-            skips.append(x)
-        skips.pop()
+        x, skips = self.encode(x)
         for up_conv, gate, level in zip(self.up_convs, self.gates, self.decoder):
             g = up_conv(x)
             x = level(torch.cat([gate(skips.pop(), g), g], dim=1))

@@ -81,14 +81,18 @@ class UNetSkeleton(SegmentationModel):
             self.decoder.append(level(2 * shallow, shallow))
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The bottleneck feature and the skip features, shallow first."""
         skips = []
         for i, level in enumerate(self.encoder):
             if i:
                 x = self.pool(x)
             x = level(x)
             skips.append(x)
-        skips.pop()
+        return skips.pop(), skips
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        x, skips = self.encode(x)
         for up_conv, level in zip(self.up_convs, self.decoder):
             x = up_conv(self.upsample(x))
             x = level(torch.cat([skips.pop(), x], dim=1))
