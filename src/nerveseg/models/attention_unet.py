@@ -7,8 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .base import UNetSkeleton
-from .blocks import DoubleConv
+from .unet import UNet
 from .registry import register_model
 
 
@@ -48,7 +47,7 @@ class AttentionGate(nn.Module):
 
 
 @register_model("attention_unet")
-class AttentionUNet(UNetSkeleton):
+class AttentionUNet(UNet):
     """Attention U-Net (Oktay, Schlemper, Le Folgoc et al., "Attention U-Net: Learning Where to
     Look for the Pancreas", MIDL 2018), in 2-D.
 
@@ -81,13 +80,7 @@ class AttentionUNet(UNetSkeleton):
         out_channels: int = 1,
         features: Sequence[int] = (32, 64, 128, 256, 512),
     ):
-        super().__init__(
-            in_channels,
-            out_channels,
-            features,
-            level=DoubleConv,
-            up=lambda deep, shallow: nn.ConvTranspose2d(deep, shallow, kernel_size=2, stride=2),
-        )
+        super().__init__(in_channels, out_channels, features)  # U-Net's levels and up-convolutions
         # one gate per decoder level, deep to shallow like ``self.decoder``
         self.gates = nn.ModuleList(
             AttentionGate(width, width, max(1, width // 2)) for width in tuple(features)[-2::-1]
