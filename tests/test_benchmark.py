@@ -127,3 +127,65 @@ def test_export_nnunet_writes_raw_format_with_our_folds(tmp_path):
         assert sorted(split["train"] + split["val"]) == [f"{i:03d}" for i in range(8)]
         # subjects are never split across train and val
         assert {int(c) // 2 for c in split["train"]}.isdisjoint({int(c) // 2 for c in split["val"]})
+
+
+def test_shards_split_the_runs_and_collect_only_summarizes_what_finished(tmp_path, capsys):
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 8)
+    out = tmp_path / "bench"
+    base = ["benchmark", "--data", str(data), "--label", "1", "--archs", "sa_unet,unet", "--seeds", "1", "--folds", "2",
+            "--epochs", "1", "--size", "64", "--out", str(out), "--quiet", "--no-latency", "--resume"]
+    # jobs in order (seed, fold, arch): (0,0,sa), (0,0,unet), (0,1,sa), (0,1,unet); shard 0/2 takes both sa_unet runs
+    assert main(base + ["--shard", "0/2"]) == 0
+    trained = sorted(p.parent.name + "/" + p.name for p in (out / "runs").glob("*/*"))
+    assert trained == ["sa_unet/seed0_fold0", "sa_unet/seed0_fold1"]
+    summary = (out / "summary.md").read_text()
+    assert "2 run(s) finished of 4 planned" in summary and "| unet |" not in summary
+    assert "trained on: " in summary and "CPU" in summary
+    capsys.readouterr()
+
+    # collect-only trains nothing
+    assert main(base + ["--collect-only"]) == 0
+    assert not (out / "runs" / "unet").exists()
+    assert "summary over 2 of 4 runs" in capsys.readouterr().err
+
+    assert main(base + ["--shard", "1/2"]) == 0
+    assert main(base + ["--collect-only"]) == 0
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 8 and {r["arch"] for r in rows} == {"sa_unet", "unet"}
+    assert "4 run(s) finished" in (out / "summary.md").read_text()
+    assert "planned" not in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("text", ["2/2", "-1/3", "a/b", "3", "0/0"])
+def test_parse_shard_refuses_bad_values(text):
+    from nerveseg.evaluation.benchmark import parse_shard
+
+    with pytest.raises(ConfigError, match="--shard"):
+        parse_shard(text)
+    assert parse_shard("1/3") == (1, 3)
+
+
+def test_common_runs_keeps_only_splits_every_architecture_finished():
+    from nerveseg.evaluation.benchmark import BenchmarkConfig, common_runs, render_summary
+
+    def row(arch, seed, fold, stem, dice):
+        return {"arch": arch, "seed": seed, "fold": fold, "stem": stem, "dice": dice, "device": "", "region": ""}
+
+    rows = [row("sa_unet", 0, 0, "a", 0.9), row("sa_unet", 0, 1, "b", 0.1),
+            row("unet", 0, 0, "a", 0.5), row("unet", 0, 1, "b", 0.4), row("unet", 1, 0, "a", 0.3)]
+    kept, left_out = common_runs(rows, ["sa_unet", "unet"])
+    assert left_out == 1  # unet's (seed 1, fold 0): sa_unet has not finished it
+    assert sorted((r["arch"], r["seed"], r["fold"]) for r in kept) == [
+        ("sa_unet", 0, 0), ("sa_unet", 0, 1), ("unet", 0, 0), ("unet", 0, 1)]
+    assert common_runs(kept, ["sa_unet", "unet"]) == (kept, 0)
+    # the rendered tables use the kept rows: unet's DSC is the mean of its run means 0.5 and 0.4
+    full_rows = [{**r, **{k: r["dice"] for k in ("precision", "recall", "hd", "hd95", "auc")},
+                  "zero_overlap": "0", "area_truth_px": "10"} for r in rows]
+    cfg = BenchmarkConfig(".", archs=("sa_unet", "unet"), folds=2, seeds=2)
+    text = render_summary(cfg, full_rows, {}, 0.0, 5, n_planned=8, devices=["x CPU"])
+    assert "partial benchmark" in text and "1 run(s) finished by only some" in text
+    assert "| unet | 0.450 ± 0.071 |" in text
+    assert "trained on: x CPU" in text

@@ -134,7 +134,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..config import PreprocessConfig, TrainConfig
-    from ..evaluation.benchmark import BenchmarkConfig, run_benchmark
+    from ..evaluation.benchmark import BenchmarkConfig, parse_shard, run_benchmark
 
     config = BenchmarkConfig(
         data_dir=str(Path(args.data).resolve()),
@@ -147,12 +147,14 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
             augment=tuple(a for a in args.augment.split(",") if a), num_threads=args.threads, device=args.device,
         ),
-        command="nerveseg " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("nerveseg") else "",
+        command=("nerveseg " + " ".join(sys.argv[1:])) if sys.argv and Path(sys.argv[0]).name in ("nerveseg", "__main__.py") else "",
     )
-    result = run_benchmark(config, args.out, resume=args.resume, progress=not args.quiet,
-                           measure_latency=not args.no_latency)
+    result = run_benchmark(config, args.out, resume=args.resume or args.collect_only, progress=not args.quiet,
+                           measure_latency=not args.no_latency, shard=parse_shard(args.shard),
+                           collect_only=args.collect_only)
     print(result["summary"])
-    print(f"wrote {args.out}/results.csv ({result['rows']} rows), summary.md, roc.png")
+    print(f"wrote {args.out}/results.csv ({result['rows']} rows from {result['runs']} of {result['planned']} runs), "
+          "summary.md" + (", roc.png" if result["runs"] else ""))
     return 0
 
 
@@ -286,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue; finished runs are not redone")
+    p.add_argument("--shard", default="0/1", help="I/N: train only every N-th run from the I-th (N processes share --out)")
+    p.add_argument("--collect-only", action="store_true", help="train nothing; summarize the finished runs")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_benchmark)
 

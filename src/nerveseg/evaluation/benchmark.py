@@ -4,6 +4,9 @@ Every architecture is trained and evaluated under the identical recipe and split
 K folds (repeated K-fold cross-validation: seed s fixes both the fold assignment and the
 initial weights, so two architectures with the same seed and fold see the same images).
 Each finished run leaves ``runs/<arch>/seed<s>_fold<f>/eval/``; a resumed benchmark skips those.
+Several processes may share one output folder, each taking a disjoint ``shard`` of the runs (on a
+GPU, one small network does not fill the device); a last ``collect_only`` call writes the summary
+over whatever has finished.
 """
 
 from __future__ import annotations
@@ -98,8 +101,29 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
     val = select_subset(list(samples_by_stem.values()), predictor, "val")
     rows, roc, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
     save_roc_histograms(roc, run_dir / "eval" / "roc.npz")
-    atomic_write_json(run_dir / "eval" / "timing.json", {"train_seconds": train_seconds})
+    atomic_write_json(run_dir / "eval" / "timing.json", {"train_seconds": train_seconds, "device": _device_name(cfg)})
     write_per_image(run_dir / "eval" / "per_image.csv", rows)  # written last: marks the run finished
+
+
+def _device_name(cfg: BenchmarkConfig) -> str:
+    from ..training.trainer import resolve_device
+
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def training_devices(cfg: BenchmarkConfig, out: Path) -> list[str]:
+    """Where the finished runs trained (a benchmark may be resumed on another machine)."""
+    names = set()
+    for seed in range(cfg.seeds):
+        for fold in range(cfg.folds):
+            for arch in cfg.archs:
+                path = run_dir_for(out, arch, seed, fold) / "eval" / "timing.json"
+                if path.exists():
+                    names.add(json.loads(path.read_text()).get("device", "not recorded"))
+    return sorted(names)
 
 
 def _finished_training(run_dir: Path, epochs: int) -> bool:
@@ -131,6 +155,20 @@ def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> l
 
 def write_results(path: Path, rows: list[dict]) -> None:
     atomic_write_csv(path, rows, RESULT_FIELDS)
+
+
+def common_runs(rows: list[dict], archs) -> tuple[list[dict], int]:
+    """Keep the rows of the (seed, fold) pairs that every architecture finished.
+
+    A comparison is fair only on identical splits: in a partial benchmark the faster architectures
+    have finished more runs. Returns (kept rows, number of runs left out).
+    """
+    done = {a: {(r["seed"], r["fold"]) for r in rows if r["arch"] == a} for a in archs}
+    if not done:
+        return rows, 0
+    shared = set.intersection(*done.values())
+    left_out = sum(len(pairs - shared) for pairs in done.values())
+    return [r for r in rows if (r["seed"], r["fold"]) in shared], left_out
 
 
 def _pm(mean: float, sd: float, digits: int = 3) -> str:
@@ -166,8 +204,9 @@ def total_train_seconds(cfg: BenchmarkConfig, out: Path) -> float:
 
 
 def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int,
-                   train_seconds: float = 0.0) -> str:
+                   train_seconds: float = 0.0, n_planned: int | None = None, devices: list[str] | None = None) -> str:
     archs = [a for a in cfg.archs if any(r["arch"] == a for r in rows)]
+    rows, left_out = common_runs(rows, archs)
     runs = {(r["arch"], r["seed"], r["fold"]) for r in rows}
     single_run = all(sum(1 for (a, _, _) in runs if a == arch) == 1 for arch in archs)
     sd_note = ("SD over images (one run per architecture)" if single_run
@@ -177,14 +216,23 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
         "",
         f"- command: `{cfg.command}`" if cfg.command else "- command: (library call)",
         f"- data: `{cfg.data_dir}` (label {cfg.label}), {cfg.folds}-fold cross-validation x {cfg.seeds} seed(s); "
-        f"{n_runs} run(s) finished",
+        f"{n_runs} run(s) finished" + (f" of {n_planned} planned" if n_planned not in (None, n_runs) else ""),
         f"- recipe: size {cfg.preprocess.size}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr}, "
         f"schedule {cfg.train.schedule}, augment {'+'.join(cfg.train.augment) or 'none'}, soft Dice loss",
-        f"- machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
+        f"- trained on: {'; '.join(devices) if devices else 'not recorded'}",
+        f"- summarized on: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
         f"- date: {_dt.date.today().isoformat()}; training time summed over runs: {train_seconds / 60:.1f} min; "
         f"wall time of this invocation: {wall_seconds / 60:.1f} min",
         f"- metrics at the original resolution on each run's held-out fold; {sd_note}",
+    ]
+    if left_out:
+        lines.append(
+            f"- **partial benchmark**: the tables use only the {len({(r['seed'], r['fold']) for r in rows})} (seed, fold) "
+            f"pair(s) that every architecture finished; {left_out} run(s) finished by only some architectures are "
+            "left out here (they stay in results.csv)"
+        )
+    lines += [
         "",
         "## Segmentation (the paper's Table 3)",
         "",
@@ -243,9 +291,26 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
     return "\n".join(lines) + "\n"
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"I/N"`` -> (I, N) with 0 <= I < N: this process takes every N-th run starting at the I-th."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise ConfigError(f"--shard {text!r}: need 0 <= I < N")
+    return index, count
+
+
 def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
-                  measure_latency: bool = True, log=None) -> dict:
-    """Train and evaluate every (seed, fold, arch); write results.csv, summary.md and roc.png."""
+                  measure_latency: bool = True, log=None, shard: tuple[int, int] = (0, 1),
+                  collect_only: bool = False) -> dict:
+    """Train and evaluate every (seed, fold, arch); write results.csv, summary.md and roc.png.
+
+    ``shard=(i, n)`` trains only the runs whose index in the job list is i mod n (jobs are ordered
+    seed, fold, arch), so n processes can share ``out_dir``. ``collect_only`` trains nothing and
+    summarizes the runs that have finished.
+    """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     saved_path = out / "benchmark.json"
@@ -253,9 +318,11 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         if not resume:
             raise ConfigError(f"{out} already holds a benchmark; pass --resume to continue it or choose another --out")
         saved = BenchmarkConfig.from_dict(json.loads(saved_path.read_text()))
-        if (saved.data_dir, saved.label, saved.folds, saved.preprocess, saved.train) != (
-            cfg.data_dir, cfg.label, cfg.folds, cfg.preprocess, cfg.train
-        ):
+        # threads and device change the speed, not the recipe: workers may differ in them
+        def recipe(c: BenchmarkConfig):
+            return (c.data_dir, c.label, c.folds, c.preprocess, replace(c.train, num_threads=None, device="auto"))
+
+        if recipe(saved) != recipe(cfg):
             raise ConfigError(f"{out}: the recipe differs from the saved benchmark.json; use another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(saved_path, cfg.to_dict())
@@ -265,11 +332,12 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         log(f"warning: skipped {problem}")
     samples_by_stem = {s.stem: s for s in samples}
     jobs = [(s, f, a) for s in range(cfg.seeds) for f in range(cfg.folds) for a in cfg.archs]
-    todo = [j for j in jobs if not (run_dir_for(out, j[2], j[0], j[1]) / "eval" / "per_image.csv").exists()]
-    if len(todo) < len(jobs):
-        log(f"resuming: {len(jobs) - len(todo)} of {len(jobs)} runs already finished")
+    mine = [] if collect_only else jobs[shard[0]::shard[1]]
+    todo = [j for j in mine if not _finished(out, *j)]
+    if len(todo) < len(mine):
+        log(f"resuming: {len(mine) - len(todo)} of {len(mine)} runs already finished")
     t0 = time.perf_counter()
-    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), disable=not progress, unit="run", dynamic_ncols=True)
+    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="run", dynamic_ncols=True)
     for seed, fold, arch in todo:
         bar.set_description(f"{arch} seed {seed} fold {fold}")
         _run_one(cfg, out, arch, seed, fold, samples_by_stem)
@@ -279,16 +347,25 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
 
     rows = collect_results(cfg, out, samples_by_stem)
     write_results(out / "results.csv", rows)
+    finished = [j for j in jobs if _finished(out, *j)]
+    if len(finished) < len(jobs):
+        log(f"summary over {len(finished)} of {len(jobs)} runs: the others have not finished")
     eff = efficiency(cfg.archs, out / "efficiency.json", latency=measure_latency)
-    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(jobs), total_train_seconds(cfg, out))
+    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(finished), total_train_seconds(cfg, out),
+                             n_planned=len(jobs), devices=training_devices(cfg, out))
     atomic_write_text(out / "summary.md", summary)
     curves: dict[str, RocAccumulator] = {}
-    for seed, fold, arch in jobs:
+    for seed, fold, arch in finished:
         roc = load_roc_histograms(run_dir_for(out, arch, seed, fold) / "eval" / "roc.npz")
         if arch in curves:
             curves[arch].pos_hist += roc.pos_hist
             curves[arch].neg_hist += roc.neg_hist
         else:
             curves[arch] = roc
-    save_roc_plot(curves, out / "roc.png")
-    return {"rows": len(rows), "runs": len(jobs), "summary": summary}
+    if curves:
+        save_roc_plot(curves, out / "roc.png")
+    return {"rows": len(rows), "runs": len(finished), "planned": len(jobs), "summary": summary}
+
+
+def _finished(out: Path, seed: int, fold: int, arch: str) -> bool:
+    return (run_dir_for(out, arch, seed, fold) / "eval" / "per_image.csv").exists()
