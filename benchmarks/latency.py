@@ -3,8 +3,11 @@
 Usage: python benchmarks/latency.py [--threads 2] [--repeats 10] [--archs sa_unet,unet] [--out docs/latency.json]
 
 For each architecture at 512x512, batch 1: eager fp32 (default layout), eager channels_last,
-channels_last + bf16 autocast, and onnxruntime (ORT_ENABLE_ALL and ORT_ENABLE_BASIC). Then frames
-per second of the fastest exact path at native ultrasound sizes (442x565, 576x864), and training-step
+channels_last + bf16 autocast, and onnxruntime at ORT_ENABLE_ALL / EXTENDED / BASIC; for SA-UNet also
+two rejected levers: ECA gate + BatchNorm rewritten as one per-channel multiply-add (same function), and
+int8 static quantization (QDQ, per-channel weights, calibrated on 4 random inputs; speed only). Then frames
+per second of nerveseg's onnxruntime path (its per-architecture level) at native ultrasound sizes
+(442x565, 576x864), and training-step
 throughput (batch 4, 256x256) in fp32 eager vs channels_last + bf16 autocast. Medians of `repeats`
 after warm-up. Nothing here is a test: numbers depend on the machine and its load.
 """
@@ -21,8 +24,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
+from nerveseg.inference.onnx_backend import DEFAULT_ORT_LEVEL, ORT_LEVEL_BY_ARCH, export_onnx
 from nerveseg.models import create
+from nerveseg.models.blocks import SAConv
 from nerveseg.training.losses import soft_dice_loss
 
 
@@ -47,7 +53,6 @@ def ort_session(path: Path, threads: int, level: str):
 
 
 def inference_variants(arch: str, threads: int, repeats: int, tmp: Path) -> dict:
-    from nerveseg.inference.onnx_backend import export_onnx
 
     torch.manual_seed(0)
     model = create(arch).eval()
@@ -66,15 +71,78 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path) -> dict
         results["eager bf16 autocast channels_last"] = median_ms(bf16, repeats)
     path = export_onnx(create(arch).eval(), tmp / f"{arch}.onnx")
     feed = {"image": x.numpy()}
-    for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_BASIC"):
+    for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC"):
         session = ort_session(path, threads, level)
         results[f"onnxruntime fp32 {level}"] = median_ms(lambda: session.run(None, feed), repeats)
+    default_level = ORT_LEVEL_BY_ARCH.get(arch, DEFAULT_ORT_LEVEL)
+    if arch == "sa_unet":
+        folded = export_gate_bn_folded(create(arch).eval(), tmp / "gate_bn.onnx", x)
+        session = ort_session(folded, threads, default_level)
+        results[f"onnxruntime fp32 gate+BN as one multiply-add {default_level}"] = median_ms(
+            lambda: session.run(None, feed), repeats)
+        quantized = quantize_int8(path, tmp)
+        if quantized is not None:
+            session = ort_session(quantized, threads, "ORT_ENABLE_ALL")
+            results["onnxruntime int8 QDQ ORT_ENABLE_ALL"] = median_ms(lambda: session.run(None, feed), repeats)
     fps = {}
-    session = ort_session(path, threads, "ORT_ENABLE_ALL")
+    session = ort_session(path, threads, default_level)
     for h, w in ((442, 565), (576, 864)):
         frame = {"image": np.random.default_rng(0).standard_normal((1, 1, h, w), dtype=np.float32)}
         fps[f"{h}x{w}"] = 1000 / median_ms(lambda: session.run(None, frame), repeats)
     return {"latency_ms_512": results, "fps_onnxruntime": fps}
+
+
+class _GateBatchNormFolded(nn.Module):
+    """SAConv with ECA's gate and the BatchNorm after it merged: relu(z * (g * s) + t), where
+    s, t are BatchNorm's per-channel scale and shift and g the attention weights. Same function as
+    ``SAConv.forward`` in eval mode; one multiply-add over the feature map instead of two passes."""
+
+    def __init__(self, sa: SAConv):
+        super().__init__()
+        self.sa = sa
+        bn = sa.norm
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        self.register_buffer("scale", scale.detach().clone())
+        self.register_buffer("shift", (bn.bias - bn.running_mean * scale).detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.cat(self.sa.scales(x), dim=1)
+        pooled = z.mean(dim=3).mean(dim=2)
+        gate = torch.sigmoid(self.sa.attention.conv(pooled.unsqueeze(1)).squeeze(1))
+        return torch.relu(torch.addcmul(self.shift[None, :, None, None], z, (gate * self.scale)[:, :, None, None]))
+
+
+def export_gate_bn_folded(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, SAConv):
+                setattr(parent, name, _GateBatchNormFolded(child))
+    torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                      dynamo=True, opset_version=18)
+    return path
+
+
+def quantize_int8(path: Path, tmp: Path) -> Path | None:
+    try:
+        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        return None
+
+    class RandomInputs(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.inputs = iter([{"image": rng.standard_normal((1, 1, 512, 512), dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.inputs, None)
+
+    pre = tmp / "int8_pre.onnx"
+    quant_pre_process(str(path), str(pre), skip_symbolic_shape=True)
+    out = tmp / "int8.onnx"
+    quantize_static(str(pre), str(out), RandomInputs(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return out
 
 
 def training_throughput(arch: str, repeats: int) -> dict:

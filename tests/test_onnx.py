@@ -335,3 +335,21 @@ def test_stale_cache_for_another_architecture_is_replaced(tmp_path):
     export_onnx(_model("sa_unet", SMALL), run / "model.onnx", opset=17)  # newer, but the wrong network
     pred = OnnxPredictor.from_run(run, device="cpu", intra_op_num_threads=1, opset=17)
     assert pred.metadata["arch"] == "unet"
+
+
+def test_optimization_level_chosen_per_architecture_and_every_level_agrees(exported):
+    from nerveseg.inference.onnx_backend import DEFAULT_ORT_LEVEL, ORT_LEVEL_BY_ARCH
+
+    arch = exported.config.model.arch
+    assert exported.predictor.optimization_level == ORT_LEVEL_BY_ARCH.get(arch, DEFAULT_ORT_LEVEL)
+    assert OnnxPredictor(exported.path, RunConfig(), device="cpu").optimization_level == "ORT_ENABLE_EXTENDED"
+    x = _inputs("real-like", (40, 56)).numpy()
+    outputs = [
+        OnnxPredictor(exported.path, exported.config, device="cpu", intra_op_num_threads=1, optimization_level=level)
+        .session.run(["logits"], {"image": x})[0]
+        for level in ("ORT_DISABLE_ALL", "ORT_ENABLE_BASIC", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL")
+    ]
+    for other in outputs[1:]:
+        assert np.abs(other - outputs[0]).max() < 1e-4
+    with pytest.raises(ConfigError, match="optimization level"):
+        OnnxPredictor(exported.path, exported.config, device="cpu", optimization_level="ORT_FAST")
