@@ -155,3 +155,45 @@ def test_export_and_onnx_backend_agree_with_torch(trained_run, tmp_path):
     assert len(masks["torch"]) == 10
     for a, b in zip(masks["torch"], masks["onnx"]):
         assert (a != b).mean() < 1e-3  # probabilities agree to ~1e-5; a pixel at exactly 0.5 may flip
+
+
+def test_evaluate_scores_masks_from_another_tool(tmp_path, capsys):
+    """`evaluate --predictions`: nnU-Net-style label PNGs scored against the expert masks."""
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 5)
+    # a stem nnU-Net would rename: export_nnunet writes case "scan_1" for stem "scan 1"
+    (data / "images" / "004.png").rename(data / "images" / "scan 1.png")
+    (data / "masks" / "004.png").rename(data / "masks" / "scan 1.png")
+    truth = {stem: np.asarray(Image.open(data / "masks" / f"{stem}.png")) for stem in ("000", "001", "002", "scan 1")}
+    preds = tmp_path / "preds"
+    preds.mkdir()
+    Image.fromarray(truth["000"]).save(preds / "000.png")  # perfect
+    Image.fromarray(np.zeros_like(truth["001"])).save(preds / "001.png")  # missed entirely
+    shifted = np.roll(truth["002"], 3, axis=1)
+    Image.fromarray(shifted).save(preds / "002.png")
+    Image.fromarray(truth["scan 1"]).save(preds / "scan_1.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(preds / "003.png")  # wrong size: reported, skipped
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--predictions", str(preds), "--data", str(data), "--label", "1", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "003.png" in err  # the bad prediction is named
+    with open(out / "per_image.csv", newline="") as f:
+        rows = {r["stem"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["000", "001", "002", "scan 1"]
+    a, b = truth["002"].astype(bool), shifted.astype(bool)
+    assert float(rows["002"]["dice"]) == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()), abs=1e-6)
+    assert float(rows["000"]["dice"]) == 1.0 and float(rows["scan 1"]["dice"]) == 1.0
+    assert rows["001"]["zero_overlap"] == "1" and float(rows["001"]["dice"]) == 0.0
+    assert rows["000"]["auc"] == "nan"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["n_images"] == 4 and metrics["zero_overlap_rate"] == pytest.approx(0.25)
+    assert metrics["dice"]["mean"] == pytest.approx((2 + float(rows["002"]["dice"])) / 4, abs=1e-6)
+
+    # exactly one of --model / --predictions
+    assert main(["evaluate", "--data", str(data), "--out", str(out)]) == 2
+    assert "--predictions" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["evaluate", "--predictions", str(empty), "--data", str(data), "--out", str(out)]) == 2
+    assert "no prediction matched" in capsys.readouterr().err

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..errors import NerveSegError
+from ..errors import ConfigError, NerveSegError
 
 
 def _positive_float(text: str) -> float:
@@ -84,8 +84,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from ..evaluation.evaluate import evaluate_run
+    from ..evaluation.evaluate import evaluate_prediction_folder, evaluate_run
 
+    if (args.model is None) == (args.predictions is None):
+        raise ConfigError("give either --model RUN (predict and score) or --predictions DIR (score masks from another tool)")
+    if args.predictions is not None:
+        summary = evaluate_prediction_folder(args.predictions, args.data, args.out, label=args.label,
+                                             pred_label=args.pred_label, mm_per_pixel=args.mm_per_pixel)
+        for key in ("precision", "recall", "dice", "hd", "hd95"):
+            m = summary[key]
+            if m["mean"] is not None:
+                print(f"{key:<10} {m['mean']:.4f} +/- {m['sd']:.4f}")
+        print(f"zero-overlap rate {summary['zero_overlap_rate']:.4f} over {summary['n_images']} images "
+              f"({summary['images_without_prediction']} images had no prediction)")
+        print(f"wrote {args.out}/metrics.json, per_image.csv")
+        return 0
     summary = evaluate_run(
         args.model, args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
         mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet, backend=args.backend,
@@ -240,7 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset at original resolution")
-    p.add_argument("--model", required=True, help="run folder written by `nerveseg train`")
+    p.add_argument("--model", default=None, help="run folder written by `nerveseg train`")
+    p.add_argument("--predictions", default=None,
+                   help="instead of --model: a folder of predicted masks <stem>.png from another tool (e.g. nnU-Net)")
+    p.add_argument("--pred-label", type=int, default=1, help="with --predictions: the predicted masks' nerve value")
     p.add_argument("--data", required=True)
     p.add_argument("--label", type=_label, default=None, help="default: the label the run was trained on")
     p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen"),

@@ -180,6 +180,78 @@ def evaluate_run(
     return summary
 
 
+PREDICTION_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
+
+
+def _prediction_path(pred_dir: Path, stem: str) -> Path | None:
+    """The prediction of one sample: ``<stem>.png`` or nnU-Net's case name (``export_nnunet``
+    replaces characters other than letters, digits, ``_`` and ``-`` by ``_``)."""
+    import re
+
+    for name in dict.fromkeys((stem, re.sub(r"[^A-Za-z0-9_-]", "_", stem))):
+        for suffix in PREDICTION_SUFFIXES:
+            if (pred_dir / f"{name}{suffix}").is_file():
+                return pred_dir / f"{name}{suffix}"
+    return None
+
+
+def evaluate_prediction_folder(
+    pred_dir: str | Path,
+    data_dir: str | Path,
+    out_dir: str | Path,
+    label=None,
+    pred_label: int = 1,
+    mm_per_pixel: float | None = None,
+    log=None,
+) -> dict:
+    """Score masks predicted by another tool (e.g. nnU-Net's ``fold_N/validation/``) with our metrics.
+
+    Each image of ``data_dir`` that has a prediction ``<stem>.png`` (or the nnU-Net case name) in
+    ``pred_dir`` is scored at its original resolution against its expert mask; pixels equal to
+    ``pred_label`` are the prediction. Images without a prediction are not scored (a fold's
+    validation folder holds only that fold). Masks carry no scores, so ``auc`` is left empty.
+    Writes ``metrics.json`` and ``per_image.csv`` (the same columns as ``nerveseg evaluate``, so the
+    two can be paired by ``stem``).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    pred_dir, out = Path(pred_dir), Path(out_dir)
+    if not pred_dir.is_dir():
+        raise InputError(pred_dir, "prediction folder not found", "pass the folder holding <stem>.png masks")
+    samples, problems = discover_samples(data_dir)
+    spacing = None if mm_per_pixel is None else (mm_per_pixel, mm_per_pixel)
+    rows, unmatched = [], 0
+    for sample in samples:
+        path = _prediction_path(pred_dir, sample.stem)
+        if path is None:
+            unmatched += 1
+            continue
+        try:
+            image = read_image(sample.image_path)
+            truth = read_mask(sample.mask_path, label=label, image_shape=image.shape)
+            pred = read_mask(path, label=pred_label, image_shape=image.shape)
+        except InputError as exc:
+            problems.append(exc)
+            continue
+        metrics = image_metrics(pred.astype(np.float32), truth, threshold=0.5, spacing=spacing)
+        metrics["auc"] = math.nan  # a binary mask has no ranking to score
+        rows.append({"stem": sample.stem, **metrics})
+    for problem in problems:
+        log(f"warning: skipped {problem}")
+    if not rows:
+        raise InputError(pred_dir, f"no prediction matched an image of {data_dir}",
+                         "name predictions <stem>.png after the images (nnU-Net case names also match)")
+    out.mkdir(parents=True, exist_ok=True)
+    write_per_image(out / "per_image.csv", rows)
+    summary = summarize(rows, keys=SUMMARY_KEYS)
+    summary.update({
+        "predictions": str(pred_dir), "data": str(data_dir), "label": label, "pred_label": pred_label,
+        "images_without_prediction": unmatched, "skipped": [str(p) for p in problems],
+        "auc_note": "predictions are binary masks: no AUC",
+    })
+    atomic_write_json(out / "metrics.json", _jsonable(summary))
+    return summary
+
+
 def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
