@@ -5,14 +5,14 @@
 # Finished runs are never redone, so an interrupted call can be repeated.
 #
 # Usage: bash benchmarks/gpu_benchmark.sh [DATA] [OUT]
-# Protocol (env vars): SEEDS=3 FOLDS=5 EPOCHS=30 SIZE=256 (the paper's recipe), WORKERS=15,
+# Protocol (env vars): SEEDS=3 FOLDS=5 EPOCHS=30 SIZE=256 (the paper's recipe), WORKERS=16 (not a multiple of the 5 architectures, so each worker gets a mix of fast and slow ones),
 # TIME_LIMIT=480 seconds for the training phase (what has finished by then is summarized; rerun to
 # finish the rest), NERVESEG="nerveseg" (e.g. "python3 -m nerveseg" where it is not installed).
 set -uo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 OUT=${2:-runs/bench_gpu}
 SEEDS=${SEEDS:-3}; FOLDS=${FOLDS:-5}; EPOCHS=${EPOCHS:-30}; SIZE=${SIZE:-256}
-WORKERS=${WORKERS:-15}; TIME_LIMIT=${TIME_LIMIT:-480}; NERVESEG=${NERVESEG:-nerveseg}
+WORKERS=${WORKERS:-16}; TIME_LIMIT=${TIME_LIMIT:-480}; NERVESEG=${NERVESEG:-nerveseg}
 ARCHS=${ARCHS:-sa_unet,unet,unet_pp,attention_unet,multires_unet}
 common=(--data "$DATA" --label 1 --archs "$ARCHS" --seeds "$SEEDS" --folds "$FOLDS" --epochs "$EPOCHS" --size "$SIZE"
         --out "$OUT" --quiet --resume --no-latency)
