@@ -1,6 +1,7 @@
 """CPU speed of nerveseg's inference and training paths, as ratios measured in one run.
 
 Usage: python benchmarks/latency.py [--threads 2] [--repeats 10] [--archs sa_unet,unet] [--out docs/latency.json]
+           [--inductor]
 
 For each architecture at 512x512, batch 1: eager fp32 (default layout), eager channels_last,
 channels_last + bf16 autocast, and onnxruntime at ORT_ENABLE_ALL / EXTENDED / BASIC; for SA-UNet also
@@ -52,7 +53,7 @@ def ort_session(path: Path, threads: int, level: str):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def inference_variants(arch: str, threads: int, repeats: int, tmp: Path) -> dict:
+def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inductor: bool = False) -> dict:
 
     torch.manual_seed(0)
     model = create(arch).eval()
@@ -69,6 +70,10 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path) -> dict
                 return model(xc)
 
         results["eager bf16 autocast channels_last"] = median_ms(bf16, repeats)
+        if inductor:  # torch.compile's C++/OpenMP code generation fuses the elementwise passes
+            compiled = torch.compile(model, dynamic=False)
+            compiled(xc)
+            results["torch.compile (Inductor) fp32 channels_last"] = median_ms(lambda: compiled(xc), repeats)
     path = export_onnx(create(arch).eval(), tmp / f"{arch}.onnx")
     feed = {"image": x.numpy()}
     for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC"):
@@ -174,13 +179,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--archs", default="sa_unet,unet")
     parser.add_argument("--out", default=None, help="also write the results as JSON")
+    parser.add_argument("--inductor", action="store_true", help="also torch.compile (needs a C++ compiler; ~20 s per model)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     report = {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
               "torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):
-            r = inference_variants(arch, args.threads, args.repeats, Path(tmp))
+            r = inference_variants(arch, args.threads, args.repeats, Path(tmp), inductor=args.inductor)
             r["train_images_per_s_256_batch4"] = training_throughput(arch, args.repeats)
             report["archs"][arch] = r
             base = r["latency_ms_512"]["eager fp32"]
