@@ -25,6 +25,12 @@ from .io import check_mask_not_empty, read_image, read_mask
 from .samples import discover_samples, fold_assignment
 
 
+def nnunet_case_name(stem: str) -> str:
+    """nnU-Net's case identifier for an image stem: characters other than letters, digits, ``_``
+    and ``-`` become ``_`` (the predictions nnU-Net writes carry this name)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
 def _save_png(array: np.ndarray, path: Path) -> None:
     with atomic_path(path) as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
@@ -51,7 +57,7 @@ def export_nnunet(
     written: dict[str, str] = {}
     n_test = 0
     for sample in samples:
-        case = re.sub(r"[^A-Za-z0-9_-]", "_", sample.stem)
+        case = nnunet_case_name(sample.stem)
         try:
             image = read_image(sample.image_path)
             mask = read_mask(sample.mask_path, label=label, image_shape=image.shape)

@@ -114,16 +114,16 @@ def _device_name(cfg: BenchmarkConfig) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+def run_timings(cfg: BenchmarkConfig, out: Path) -> list[dict]:
+    """The ``eval/timing.json`` of every finished run: training seconds and device."""
+    paths = (run_dir_for(out, arch, seed, fold) / "eval" / "timing.json"
+             for seed in range(cfg.seeds) for fold in range(cfg.folds) for arch in cfg.archs)
+    return [json.loads(path.read_text()) for path in paths if path.exists()]
+
+
 def training_devices(cfg: BenchmarkConfig, out: Path) -> list[str]:
     """Where the finished runs trained (a benchmark may be resumed on another machine)."""
-    names = set()
-    for seed in range(cfg.seeds):
-        for fold in range(cfg.folds):
-            for arch in cfg.archs:
-                path = run_dir_for(out, arch, seed, fold) / "eval" / "timing.json"
-                if path.exists():
-                    names.add(json.loads(path.read_text()).get("device", "not recorded"))
-    return sorted(names)
+    return sorted({t.get("device", "not recorded") for t in run_timings(cfg, out)})
 
 
 def _finished_training(run_dir: Path, epochs: int) -> bool:
@@ -193,14 +193,7 @@ def efficiency(archs, cache_path: Path, latency: bool = True) -> dict[str, dict]
 
 def total_train_seconds(cfg: BenchmarkConfig, out: Path) -> float:
     """Sum of the training times the runs recorded (each run's own, whichever call trained it)."""
-    total = 0.0
-    for seed in range(cfg.seeds):
-        for fold in range(cfg.folds):
-            for arch in cfg.archs:
-                path = run_dir_for(out, arch, seed, fold) / "eval" / "timing.json"
-                if path.exists():
-                    total += json.loads(path.read_text())["train_seconds"]
-    return total
+    return sum(t["train_seconds"] for t in run_timings(cfg, out))
 
 
 def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int,

@@ -184,11 +184,10 @@ PREDICTION_SUFFIXES = (".png", ".tif", ".tiff", ".bmp")
 
 
 def _prediction_path(pred_dir: Path, stem: str) -> Path | None:
-    """The prediction of one sample: ``<stem>.png`` or nnU-Net's case name (``export_nnunet``
-    replaces characters other than letters, digits, ``_`` and ``-`` by ``_``)."""
-    import re
+    """The prediction of one sample: ``<stem>.png`` or the nnU-Net case name ``export_nnunet`` gave it."""
+    from ..data.export import nnunet_case_name
 
-    for name in dict.fromkeys((stem, re.sub(r"[^A-Za-z0-9_-]", "_", stem))):
+    for name in dict.fromkeys((stem, nnunet_case_name(stem))):
         for suffix in PREDICTION_SUFFIXES:
             if (pred_dir / f"{name}{suffix}").is_file():
                 return pred_dir / f"{name}{suffix}"
