@@ -46,3 +46,19 @@ def real_data() -> Path:
     if not (REAL_DATA / "images").is_dir():
         pytest.skip(f"real data not found at {REAL_DATA} (../shared/data/usgra-seg is only on developer and CI machines)")
     return REAL_DATA
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_native_cache(tmp_path_factory):
+    """The native SAConv library and the graphs exported for it go to a per-session folder,
+    not the user's ~/.cache/nerveseg: tests see a cold cache and leave nothing behind."""
+    import os
+
+    folder = tmp_path_factory.mktemp("nerveseg-cache")
+    previous = os.environ.get("NERVESEG_CACHE_DIR")
+    os.environ["NERVESEG_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("NERVESEG_CACHE_DIR", None)
+    else:
+        os.environ["NERVESEG_CACHE_DIR"] = previous

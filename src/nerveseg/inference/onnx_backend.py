@@ -266,7 +266,7 @@ class _NoTorchvisionNotice(logging.Filter):
         return "torchvision is not installed" not in record.getMessage()
 
 
-def _export_dynamo(net: nn.Module, example: torch.Tensor, opset: int):
+def _export_dynamo(net: nn.Module, example: torch.Tensor, opset: int, translation_table: dict | None = None):
     from torch.export import Dim
 
     dims = {axis: Dim(name) for axis, name in _DIM_NAMES.items()}
@@ -285,6 +285,7 @@ def _export_dynamo(net: nn.Module, example: torch.Tensor, opset: int):
             opset_version=opset,
             dynamo=True,
             dynamic_shapes=(dims,),
+            custom_translation_table=translation_table,
             optimize=True,  # onnxscript's optimizer: constant folding, dead code, Conv+BN fusion
             verbose=False,
         )
@@ -322,10 +323,15 @@ def export_onnx_proto(
     dynamo: bool | None = None,
     in_channels: int | None = None,
     weights_hash: str | None = None,
+    native_saconv: bool = False,
 ):
     """The ONNX ``ModelProto`` that ``export_onnx`` writes (see there)."""
     onnx = _import_onnx()
     automatic = dynamo is None
+    if native_saconv and dynamo is False:
+        raise ConfigError("native_saconv export needs the dynamo exporter (opset >= 18)")
+    if native_saconv:
+        dynamo = True
     if automatic:
         # The dynamo exporter emits opset >= 18 only; asked for 17 it exports 18 and then fails
         # to down-convert (onnx's version converter has no Pad 18 -> 17 adapter), so a lower
@@ -335,6 +341,13 @@ def export_onnx_proto(
         raise ConfigError(f"the dynamo ONNX exporter writes opset 18 or later, not {opset}; use dynamo=False for opset {opset}")
     net = copy.deepcopy(model).cpu().float().eval()
     folded = fold_batchnorm_(net) if fold_batchnorm else 0
+    translation_table = None
+    native_ops = 0
+    if native_saconv:
+        from . import native
+
+        native_ops = native.fuse_saconv_(net)
+        translation_table = native.onnx_translation_table()
     _two_stage_eca_(net)
     if hasattr(net, "forward_padded"):
         net = _ExportWrapper(net).eval()
@@ -343,11 +356,11 @@ def export_onnx_proto(
     example = torch.randn(2, in_channels or _in_channels(model, config), 45, 77)
     if dynamo:
         try:
-            proto = _export_dynamo(net, example, opset)
+            proto = _export_dynamo(net, example, opset, translation_table)
         except ImportError:
             raise ConfigError(_EXPORT_MISSING) from None
         except Exception as exc:
-            if not automatic:
+            if not automatic or native_saconv:
                 raise
             # a future architecture torch.export cannot capture: the tracer still can
             warnings.warn(f"dynamo ONNX export failed ({type(exc).__name__}); using the TorchScript exporter", stacklevel=3)
@@ -356,6 +369,8 @@ def export_onnx_proto(
         proto = _export_torchscript(net, example, opset)
     _name_dynamic_dims(proto)
     meta = _metadata(model, config, folded, weights_hash)
+    if native_ops:
+        meta["native_ops"] = f"{native_ops} x nerveseg.SAConv (needs nerveseg's native library: nerveseg.inference.native)"
     onnx.helper.set_model_props(proto, meta)
     proto.doc_string = f"nerveseg {__version__} {meta['arch']}: {INPUT_NAME} -> {OUTPUT_NAME}"
     onnx.checker.check_model(proto)
@@ -372,6 +387,7 @@ def export_onnx(
     dynamo: bool | None = None,
     in_channels: int | None = None,
     weights_hash: str | None = None,
+    native_saconv: bool = False,
 ) -> Path:
     """Export ``model`` (in eval mode, on the CPU, float32; the caller's model is not changed)
     to ``path``, written atomically. Returns ``path``.
@@ -393,9 +409,20 @@ def export_onnx(
     one (``fold_batchnorm_``); onnxruntime's ORT_ENABLE_ALL would also fuse Conv+BN. ``config``
     (the run's ``RunConfig``) fills the metadata: arch, model kwargs, preprocess size.
     ``in_channels`` (default: from ``config``, else the first Conv2d) is the image channels.
+
+    ``native_saconv`` writes every SAConv as one ``nerveseg.SAConv`` node, which onnxruntime runs
+    only with nerveseg's native library registered (``nerveseg.inference.native``): ~2x faster
+    on a CPU, but not portable to other runtimes. The default graph uses standard ONNX operators.
     """
     proto = export_onnx_proto(
-        model, opset, fold_batchnorm, config=config, dynamo=dynamo, in_channels=in_channels, weights_hash=weights_hash
+        model,
+        opset,
+        fold_batchnorm,
+        config=config,
+        dynamo=dynamo,
+        in_channels=in_channels,
+        weights_hash=weights_hash,
+        native_saconv=native_saconv,
     )
     onnx = _import_onnx()
     path = Path(path)
@@ -457,6 +484,8 @@ class OnnxPredictor:
         optimization_level: an ``onnxruntime.GraphOptimizationLevel`` name; None picks the one
             measured fastest for the run's architecture (``ORT_LEVEL_BY_ARCH``, else ALL). Every
             level computes the same function.
+        native_ops: register nerveseg's native operators (``nerveseg.SAConv``), which a model
+            exported with ``native_saconv=True`` needs; builds the library on first use.
     """
 
     def __init__(
@@ -466,6 +495,7 @@ class OnnxPredictor:
         device: str = "auto",
         intra_op_num_threads: int | None = None,
         optimization_level: str | None = None,
+        native_ops: bool = False,
     ):
         ort = _import_onnxruntime()
         self.config = config
@@ -480,6 +510,14 @@ class OnnxPredictor:
             if intra_op_num_threads < 1:
                 raise ConfigError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
             options.intra_op_num_threads = intra_op_num_threads
+        self.native_ops = native_ops
+        if native_ops:
+            from .native import NativeUnavailable, register_saconv
+
+            try:
+                register_saconv(options)
+            except NativeUnavailable as exc:
+                raise ConfigError(str(exc)) from None
         source = model if isinstance(model, bytes) else str(model)
         try:
             self.session = ort.InferenceSession(source, sess_options=options, providers=_providers(ort, device))
@@ -504,11 +542,20 @@ class OnnxPredictor:
         device: str = "auto",
         intra_op_num_threads: int | None = None,
         opset: int = DEFAULT_OPSET,
+        native: bool | None = None,
     ) -> "OnnxPredictor":
         """Load RUN/config.json and RUN/model.onnx, (re-)exporting model.onnx from
         RUN/model.safetensors when it is missing, was exported from other weights (SHA-256 of
-        model.safetensors in the ONNX metadata), or for another architecture. A run folder with only config.json + model.onnx works too. When
-        the folder is read-only the export is kept in memory."""
+        model.safetensors in the ONNX metadata), or for another architecture. A run folder with
+        only config.json + model.onnx works too. When the folder is read-only the export is kept
+        in memory.
+
+        ``native`` (default: on when running on the CPU, the architecture has SAConvs and the
+        native library builds here, unless the environment sets NERVESEG_NATIVE=0): run the
+        graph with fused ``nerveseg.SAConv`` operators instead (same function, ~2x faster on a
+        CPU; docs/performance.md), exported once into nerveseg's cache folder, not the run
+        folder. If it cannot be used, the standard graph runs (with a warning when ``native``
+        was asked for explicitly)."""
         _import_onnxruntime()  # fail early, before a possibly long export
         run_dir = Path(run_dir)
         config_path = run_dir / "config.json"
@@ -516,6 +563,10 @@ class OnnxPredictor:
             raise InputError(run_dir, "not a nerveseg run folder (no config.json)", "pass the --out folder of `nerveseg train`")
         config = RunConfig.load(config_path)
         onnx_path, weights = run_dir / ONNX_FILENAME, run_dir / WEIGHTS_FILENAME
+        if weights.is_file() and native is not False:
+            native_path = _native_model(run_dir, config, device, opset, explicit=native is True)
+            if native_path is not None:
+                return cls(native_path, config, device, intra_op_num_threads, native_ops=True)
         if not weights.is_file():
             if not onnx_path.is_file():
                 raise InputError(
@@ -552,13 +603,17 @@ class OnnxPredictor:
         return results
 
 
-def _cache_is_fresh(onnx_path: Path, weights: Path, config: RunConfig) -> bool:
+def _cache_is_fresh(onnx_path: Path, weights: Path, config: RunConfig, native_ops: bool = False) -> bool:
     if not onnx_path.is_file():
         return False
     try:
         ort = _import_onnxruntime()
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if native_ops:
+            from .native import register_saconv
+
+            register_saconv(options)
         meta = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"]).get_modelmeta()
     except ConfigError:
         raise
@@ -566,6 +621,47 @@ def _cache_is_fresh(onnx_path: Path, weights: Path, config: RunConfig) -> bool:
         return False
     meta = dict(meta.custom_metadata_map)
     return meta.get("weights_sha256") == weights_sha256(weights) and _config_matches(meta, config)
+
+
+def _native_model(run_dir: Path, config: RunConfig, device: str, opset: int, explicit: bool) -> Path | None:
+    """Path of the run's graph with native ``nerveseg.SAConv`` operators (exported on first
+    use into the cache folder, keyed by the weights' hash), or None when it does not apply: a
+    GPU device, no SAConv in the architecture, NERVESEG_NATIVE=0, or the library cannot be
+    built (warned about when ``explicit``)."""
+    import os
+
+    from ..models import create
+    from . import native
+
+    def skip(reason: str) -> None:
+        if explicit:
+            warnings.warn(f"{run_dir}: not using the native SAConv operator ({reason}); running the standard graph", stacklevel=3)
+        return None
+
+    if os.environ.get("NERVESEG_NATIVE", "1") == "0" and not explicit:
+        return None
+    ort = _import_onnxruntime()
+    if _providers(ort, device) != ["CPUExecutionProvider"]:
+        return skip("it runs on the CPU only")
+    if not native.has_saconv(create(config.model.arch, **config.model.kwargs)):
+        return skip(f"{config.model.arch} has no SAConv")
+    try:
+        native.saconv_library()
+    except native.NativeUnavailable as exc:
+        return skip(str(exc))
+    weights = run_dir / WEIGHTS_FILENAME
+    digest = weights_sha256(weights)
+    path = native.cache_dir() / "models" / f"{config.model.arch}-{digest[:24]}-r{EXPORT_REVISION}.onnx"
+    if not _cache_is_fresh(path, weights, config, native_ops=True):
+        if not _exporter_available():
+            return skip(_EXPORT_MISSING)
+        model = _load_torch_model(run_dir, config)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            export_onnx(model, path, opset, config=config, weights_hash=digest, native_saconv=True)
+        except OSError as exc:
+            return skip(f"cannot write {path} ({exc})")
+    return path
 
 
 def _load_torch_model(run_dir: Path, config: RunConfig) -> nn.Module:
