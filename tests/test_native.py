@@ -46,11 +46,12 @@ def _saconv(cin: int, cout: int, n: int, bias: bool = True, seed: int = 0) -> SA
     return module.eval()
 
 
-def _single_op_session(threads: int = 2) -> ort.InferenceSession:
-    """A graph of one nerveseg.SAConv node whose weights are graph inputs."""
-    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in NAMES]
+def _single_op_session(threads: int = 2, op: str = "SAConv") -> ort.InferenceSession:
+    """A graph of one nerveseg operator whose weights are graph inputs."""
+    names = ("a", "b", *NAMES[1:]) if op == "SAConvCat" else NAMES
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in names]
     output = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    node = helper.make_node("SAConv", list(NAMES), ["y"], domain="nerveseg")
+    node = helper.make_node(op, list(names), ["y"], domain="nerveseg")
     graph = helper.make_graph([node], "saconv", inputs, [output])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("nerveseg", 1)])
     options = ort.SessionOptions()
@@ -98,6 +99,34 @@ def test_operator_matches_the_torch_module(session, cin, cout, n, bias, batch, h
     assert (got >= 0).all()  # ReLU
 
 
+@pytest.mark.parametrize("batch,h,w", [(1, 40, 36), (2, 35, 8), (1, 1, 1)])
+def test_upsampling_variant_is_saconv_of_the_nearest_x2_input(batch, h, w):
+    module = _saconv(24, 16, 4)
+    x = torch.randn(batch, 24, h, w)
+    with torch.no_grad():
+        expected = module(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="nearest")).numpy()
+    got = _single_op_session(op="SAConvUp2").run(None, _feed(module, x))[0]
+    assert got.shape == (batch, 16, 2 * h, 2 * w)
+    assert np.abs(got - expected).max() < 2e-5 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("ca,cb", [(16, 16), (3, 9), (1, 1)])
+def test_concatenation_variant_is_saconv_of_the_concatenated_inputs(ca, cb):
+    module = _saconv(ca + cb, 16, 4)
+    a, b = torch.randn(2, ca, 70, 33), torch.randn(2, cb, 70, 33)
+    with torch.no_grad():
+        expected = module(torch.cat([a, b], dim=1)).numpy()
+    feed = _feed(module, a)
+    del feed["x"]
+    feed.update(a=a.numpy(), b=b.numpy())
+    session = _single_op_session(op="SAConvCat")
+    got = session.run(None, feed)[0]
+    assert np.abs(got - expected).max() < 2e-5 * max(1.0, np.abs(expected).max())
+    feed["b"] = feed["b"][:, :, :-1].copy()  # a and b of different heights
+    with pytest.raises(Exception, match="same B, H, W"):
+        session.run(None, feed)
+
+
 def test_operator_is_the_same_with_one_thread_and_two(session):
     module = _saconv(32, 32, 4)
     x = torch.randn(1, 32, 130, 90)
@@ -121,11 +150,23 @@ def test_fused_module_is_the_same_function():
     x = torch.randn(2, 16, 23, 31)
     with torch.no_grad():
         torch.testing.assert_close(native.FusedSAConv(module)(x), module(x), rtol=1e-5, atol=1e-5)
-    fused = 0
     net = torch.nn.Sequential(_saconv(1, 8, 4), torch.nn.ReLU(), _saconv(8, 8, 4).train())
     fused = native.fuse_saconv_(net)
     assert fused == 1  # the module in training mode is left alone (its BatchNorm is not fixed)
     assert isinstance(net[0], native.FusedSAConv) and isinstance(net[2], SAConv)
+
+
+def test_fused_network_is_the_same_function():
+    import copy
+
+    model = _model("sa_unet", SMALL)
+    fused = native.fuse_saconv_network(copy.deepcopy(model))
+    assert isinstance(fused, native.FusedUNetDecoder)
+    x = _inputs("real-like", (45, 77))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+    unet = native.fuse_saconv_network(copy.deepcopy(_model("unet", SMALL)))
+    assert not isinstance(unet, native.FusedUNetDecoder)  # nothing to fuse in a plain U-Net
 
 
 @pytest.fixture(scope="module", params=["sa_unet-small", "sa_unet-default"])
@@ -156,12 +197,15 @@ def test_native_graph_has_one_node_per_saconv(exported_native):
     graph = onnx.load(str(path)).graph
     ops = [(n.domain, n.op_type) for n in graph.node]
     saconvs = sum(isinstance(m, SAConv) for m in model.modules())
-    assert ops.count(("nerveseg", "SAConv")) == saconvs == 22
-    assert ("", "BatchNormalization") not in ops and ("", "ReduceMean") not in ops
-    # the only feature-map concatenations left are the decoder's four skip connections
-    fed_to_saconv = {i for n in graph.node if n.op_type == "SAConv" for i in n.input}
-    concats = [n for n in graph.node if n.op_type == "Concat" and n.output[0] in fed_to_saconv]
-    assert len(concats) == 4
+    native_nodes = [op for domain, op in ops if domain == "nerveseg"]
+    assert len(native_nodes) == saconvs == 22
+    # each decoder level: its up-sampling SAConv reads the deeper feature at half resolution,
+    # its first SAConv reads skip and up-sampled features without a concatenation
+    assert native_nodes.count("SAConvUp2") == native_nodes.count("SAConvCat") == 4
+    for op in ("BatchNormalization", "ReduceMean", "Resize", "Upsample"):
+        assert ("", op) not in ops
+    fed_to_native = {i for n in graph.node if n.domain == "nerveseg" for i in n.input}
+    assert not [n for n in graph.node if n.op_type == "Concat" and n.output[0] in fed_to_native]
     assert "nerveseg.SAConv" in {p.key: p.value for p in onnx.load(str(path)).metadata_props}["native_ops"]
 
 

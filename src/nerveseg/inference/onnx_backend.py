@@ -346,7 +346,8 @@ def export_onnx_proto(
     if native_saconv:
         from . import native
 
-        native_ops = native.fuse_saconv_(net)
+        net = native.fuse_saconv_network(net)
+        native_ops = sum(isinstance(m, native.FusedSAConv) for m in net.modules())
         translation_table = native.onnx_translation_table()
     _two_stage_eca_(net)
     if hasattr(net, "forward_padded"):

@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...models.base import SegmentationModel
+
 __all__ = [
     "DOMAIN",
     "OP_NAME",
@@ -45,13 +47,15 @@ __all__ = [
     "register_saconv",
     "FusedSAConv",
     "fuse_saconv_",
+    "fuse_saconv_network",
+    "FusedUNetDecoder",
     "saconv_reference",
     "onnx_translation_table",
 ]
 
 DOMAIN = "nerveseg"
 OP_NAME = "SAConv"
-ABI_VERSION = 1  # nerveseg_saconv_abi() of a library built from these sources
+ABI_VERSION = 2  # nerveseg_saconv_abi() of a library built from these sources
 _HERE = Path(__file__).resolve().parent
 _SOURCES = ("saconv_kernel.c", "saconv_op.c")
 _HEADERS = ("saconv_kernel.h",)
@@ -233,6 +237,50 @@ def _(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
     return x.new_empty((x.shape[0], bn_scale.shape[0], x.shape[2], x.shape[3]))
 
 
+@torch.library.custom_op("nerveseg::saconv_up2", mutates_args=())
+def _saconv_up2_op(
+    x: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    dw: torch.Tensor,
+    dwb: torch.Tensor,
+    pw: torch.Tensor,
+    pwb: torch.Tensor,
+    eca: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return saconv_reference(up, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
+
+
+@_saconv_up2_op.register_fake
+def _(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
+    return x.new_empty((x.shape[0], bn_scale.shape[0], 2 * x.shape[2], 2 * x.shape[3]))
+
+
+@torch.library.custom_op("nerveseg::saconv_cat", mutates_args=())
+def _saconv_cat_op(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    w1: torch.Tensor,
+    b1: torch.Tensor,
+    dw: torch.Tensor,
+    dwb: torch.Tensor,
+    pw: torch.Tensor,
+    pwb: torch.Tensor,
+    eca: torch.Tensor,
+    bn_scale: torch.Tensor,
+    bn_shift: torch.Tensor,
+) -> torch.Tensor:
+    return saconv_reference(torch.cat([a, b], dim=1), w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
+
+
+@_saconv_cat_op.register_fake
+def _(a, b, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
+    return a.new_empty((a.shape[0], bn_scale.shape[0], a.shape[2], a.shape[3]))
+
+
 class FusedSAConv(nn.Module):
     """An eval-mode ``SAConv`` as one ``nerveseg::saconv`` call (same function).
 
@@ -268,8 +316,19 @@ class FusedSAConv(nn.Module):
         self.register_buffer("bn_scale", scale.float().clone())
         self.register_buffer("bn_shift", shift.float().clone())
 
+    def weights(self) -> tuple[torch.Tensor, ...]:
+        return (self.w1, self.b1, self.dw, self.dwb, self.pw, self.pwb, self.eca, self.bn_scale, self.bn_shift)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _saconv_op(x, self.w1, self.b1, self.dw, self.dwb, self.pw, self.pwb, self.eca, self.bn_scale, self.bn_shift)
+        return _saconv_op(x, *self.weights())
+
+    def forward_upsampled(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward(nearest x2 upsampling of x)`` without materialising the upsampled input."""
+        return _saconv_up2_op(x, *self.weights())
+
+    def forward_concat(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.cat([a, b], dim=1))`` without materialising the concatenation."""
+        return _saconv_cat_op(a, b, *self.weights())
 
 
 def fusable(saconv: nn.Module) -> bool:
@@ -299,6 +358,51 @@ def fuse_saconv_(model: nn.Module) -> int:
     return replaced
 
 
+class FusedUNetDecoder(SegmentationModel):
+    """A ``UNetSkeleton`` (SA-UNet) whose decoder steps each run as two native calls: the
+    up-sampling SAConv reads the deeper feature at half resolution (``forward_upsampled``) and
+    the level's first SAConv reads skip and up-sampled features side by side
+    (``forward_concat``), so neither the x2 upsampled tensor nor the concatenation is written to
+    memory. Same function as ``UNetSkeleton.forward_padded``; built by ``fuse_saconv_`` when the
+    skeleton's upsampling is nearest x2 and its decoder SAConvs are fused."""
+
+    def __init__(self, unet: nn.Module):
+        super().__init__()
+        self.unet = unet
+        self.size_divisor = unet.size_divisor
+
+    @staticmethod
+    def applies_to(unet: nn.Module) -> bool:
+        from ...models.base import UNetSkeleton
+
+        upsample = getattr(unet, "upsample", None)
+        return (
+            isinstance(unet, UNetSkeleton)
+            and isinstance(upsample, nn.Upsample)
+            and upsample.mode == "nearest"
+            and upsample.size is None
+            and float(upsample.scale_factor) == 2.0
+            and all(isinstance(m, FusedSAConv) for m in unet.up_convs)
+            and all(isinstance(level, nn.Sequential) and isinstance(level[0], FusedSAConv) for level in unet.decoder)
+        )
+
+    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+        unet = self.unet
+        x, skips = unet.encode(x)
+        for up_conv, level in zip(unet.up_convs, unet.decoder):
+            x = up_conv.forward_upsampled(x)
+            x = level[0].forward_concat(skips.pop(), x)
+            for layer in list(level)[1:]:
+                x = layer(x)
+        return unet.head(x)
+
+
+def fuse_saconv_network(model: nn.Module) -> nn.Module:
+    """``fuse_saconv_(model)`` (in place), wrapped in ``FusedUNetDecoder`` when that applies."""
+    fuse_saconv_(model)
+    return FusedUNetDecoder(model) if FusedUNetDecoder.applies_to(model) else model
+
+
 def has_saconv(model: nn.Module) -> bool:
     from ...models.blocks import SAConv
 
@@ -306,23 +410,39 @@ def has_saconv(model: nn.Module) -> bool:
 
 
 def onnx_translation_table() -> dict:
-    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: each
-    ``nerveseg::saconv`` call becomes one ``nerveseg.SAConv`` node (opset ``nerveseg`` 1)."""
+    """``custom_translation_table`` for ``torch.onnx.export(dynamo=True)``: each call of
+    ``nerveseg::saconv`` / ``saconv_up2`` / ``saconv_cat`` becomes one node ``nerveseg.SAConv`` /
+    ``SAConvUp2`` / ``SAConvCat`` (opset ``nerveseg`` 1)."""
     import onnxscript
     from onnx.defs import OpSchema
 
-    names = ("x", "w1", "b1", "dw", "dwb", "pw", "pwb", "eca", "bn_scale", "bn_shift")
-    schema = OpSchema(
-        OP_NAME,
-        DOMAIN,
-        1,
-        inputs=[OpSchema.FormalParameter(name, "T") for name in names],
-        outputs=[OpSchema.FormalParameter("y", "T")],
-        type_constraints=[("T", ["tensor(float)"], "float32")],
-    )
-    op = onnxscript.values.Op(onnxscript.values.Opset(DOMAIN, 1), OP_NAME, schema)
+    weights = ("w1", "b1", "dw", "dwb", "pw", "pwb", "eca", "bn_scale", "bn_shift")
+    opset = onnxscript.values.Opset(DOMAIN, 1)
 
-    def saconv_to_onnx(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
-        return op(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
+    def op(name: str, inputs: tuple[str, ...]):
+        schema = OpSchema(
+            name,
+            DOMAIN,
+            1,
+            inputs=[OpSchema.FormalParameter(i, "T") for i in inputs + weights],
+            outputs=[OpSchema.FormalParameter("y", "T")],
+            type_constraints=[("T", ["tensor(float)"], "float32")],
+        )
+        return onnxscript.values.Op(opset, name, schema)
 
-    return {torch.ops.nerveseg.saconv.default: saconv_to_onnx}
+    plain, up2, cat = op(OP_NAME, ("x",)), op("SAConvUp2", ("x",)), op("SAConvCat", ("a", "b"))
+
+    def saconv(x, *w):
+        return plain(x, *w)
+
+    def saconv_up2(x, *w):
+        return up2(x, *w)
+
+    def saconv_cat(a, b, *w):
+        return cat(a, b, *w)
+
+    return {
+        torch.ops.nerveseg.saconv.default: saconv,
+        torch.ops.nerveseg.saconv_up2.default: saconv_up2,
+        torch.ops.nerveseg.saconv_cat.default: saconv_cat,
+    }

@@ -80,7 +80,7 @@ static void depthwise_row(const float *up, const float *mid, const float *down, 
 
 typedef struct {
     const saconv_weights *wt;
-    const float *x;
+    const float *x, *x2;
     float *y;
     int H, W, chunks, chunk_rows;
     double *sums;        /* (batch * chunks, C) per-chunk channel sums of z */
@@ -143,6 +143,42 @@ static double copy_row_sum(float *dst, const float *src, int len) {
 
 static inline int mod3(int r) { return ((r % 3) + 3) % 3; }
 
+/* F_1 for image row r: the 1x1 convolution W_1 of the input row. Input rows of different channels
+ * lie H*W floats apart, which for 2^k-sized images maps them onto the same cache sets; they are
+ * read from a copy with a skewed stride (xrow, xs apart) instead. With a second input the copy
+ * gathers both (the concatenation); with upsampling the convolution runs on the low-resolution
+ * row and its output is duplicated horizontally (nearest neighbour commutes with a 1x1). */
+static void first_stage(const saconv_job *job, int image, int r, float *xrow, ptrdiff_t xs, float *tmp,
+                        float *dst, ptrdiff_t dst_stride) {
+    const saconv_weights *wt = job->wt;
+    const int w = wt->width, up = wt->upsample > 1 ? wt->upsample : 1;
+    const int cin1 = wt->cin - wt->cin2, in_h = job->H / up, in_w = job->W / up;
+    const ptrdiff_t in_hw = (ptrdiff_t)in_h * in_w;
+    const float *src = job->x + ((ptrdiff_t)image * cin1 * in_hw) + (ptrdiff_t)(r / up) * in_w;
+    ptrdiff_t src_stride = in_hw;
+    if (wt->cin2 > 0 || wt->cin > 4) {
+        for (int c = 0; c < cin1; c++) memcpy(xrow + c * xs, src + c * in_hw, in_w * sizeof(float));
+        if (wt->cin2 > 0) {
+            const float *src2 = job->x2 + ((ptrdiff_t)image * wt->cin2 * in_hw) + (ptrdiff_t)r * in_w;
+            for (int c = 0; c < wt->cin2; c++)
+                memcpy(xrow + (cin1 + c) * xs, src2 + c * in_hw, in_w * sizeof(float));
+        }
+        src = xrow;
+        src_stride = xs;
+    }
+    if (up == 1) {
+        pointwise(src, src_stride, wt->cin, wt->w1, wt->b1, dst, dst_stride, w, in_w);
+        return;
+    }
+    pointwise(src, src_stride, wt->cin, wt->w1, wt->b1, tmp, in_w, w, in_w);
+    for (int c = 0; c < w; c++) {
+        const float *from = tmp + (ptrdiff_t)c * in_w;
+        float *to = dst + c * dst_stride;
+        for (int i = 0; i < in_w; i++)
+            for (int j = 0; j < up; j++) to[i * up + j] = from[i];
+    }
+}
+
 /* The cascade for the rows [r0, r1) of one image, streamed top to bottom: at step t, F_1 row t
  * is computed, then F_k row t - (k - 1) for k = 2..n, which needs F_{k-1} rows up to t - k + 2,
  * the one just computed. Each F_k (k < n) lives in a ring of three rows, so the working set is a
@@ -158,7 +194,6 @@ static void chunk_task(void *data, size_t task) {
     const ptrdiff_t rs = W + 2;              /* ring row: zero, W values, zero */
     const ptrdiff_t ring = 3 * rs * w;       /* one stage's ring of three rows, all channels */
     const ptrdiff_t xs = (W + VLEN + 15) / 16 * 16 + VLEN; /* skewed row stride for the input copy */
-    const float *x = job->x + (ptrdiff_t)image * cin * hw;
     float *y = job->y + (ptrdiff_t)image * C * hw;
     double *sums = job->sums + (size_t)task * C;
     for (int c = 0; c < C; c++) sums[c] = 0.0;
@@ -190,14 +225,7 @@ static void chunk_task(void *data, size_t task) {
                 dst_stride = W;
             }
             if (k == 1) {
-                const float *src = x + (ptrdiff_t)r * W;
-                ptrdiff_t src_stride = hw;
-                if (cin > 4) { /* rows 1 MB apart alias in the caches: read them from a copy */
-                    for (int c = 0; c < cin; c++) memcpy(xrow + c * xs, src + c * hw, W * sizeof(float));
-                    src = xrow;
-                    src_stride = xs;
-                }
-                pointwise(src, src_stride, cin, wt->w1, wt->b1, dst, dst_stride, w, W);
+                first_stage(job, image, r, xrow, xs, tmp, dst, dst_stride);
             } else {
                 const float *prev = rings + (k - 2) * ring + 1;
                 const float *kern = wt->dw + (ptrdiff_t)(k - 2) * w * 9;
@@ -245,8 +273,8 @@ static void activate_task(void *data, size_t task) {
     }
 }
 
-int saconv_forward(const saconv_weights *wt, const float *x, float *y, int batch, int H, int W,
-                   saconv_parallel_for parallel_for, void *pool) {
+int saconv_forward(const saconv_weights *wt, const float *x, const float *x2, float *y, int batch, int H,
+                   int W, saconv_parallel_for parallel_for, void *pool) {
     const int C = wt->n * wt->width;
     int chunks = H / MIN_CHUNK_ROWS;
     chunks = chunks < 1 ? 1 : chunks > MAX_CHUNKS ? MAX_CHUNKS : chunks;
@@ -259,7 +287,7 @@ int saconv_forward(const saconv_weights *wt, const float *x, float *y, int batch
         free(sums), free(scale), free(mean);
         return -1;
     }
-    saconv_job job = {wt, x, y, H, W, chunks, chunk_rows, sums, scale, C};
+    saconv_job job = {wt, x, x2, y, H, W, chunks, chunk_rows, sums, scale, C};
     parallel_for(pool, chunk_task, &job, (size_t)batch * chunks);
 
     const int half = wt->eca_k / 2;
@@ -297,6 +325,6 @@ int saconv_forward_serial(int cin, int width, int n, int eca_k, const float *w1,
                           const float *dw, const float *dwb, const float *pw, const float *pwb,
                           const float *eca, const float *bn_scale, const float *bn_shift,
                           const float *x, float *y, int batch, int H, int W) {
-    saconv_weights wt = {cin, width, n, eca_k, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift};
-    return saconv_forward(&wt, x, y, batch, H, W, saconv_serial_for, NULL);
+    saconv_weights wt = {cin, width, n, eca_k, 0, 1, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift};
+    return saconv_forward(&wt, x, NULL, y, batch, H, W, saconv_serial_for, NULL);
 }

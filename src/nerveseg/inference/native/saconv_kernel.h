@@ -17,6 +17,11 @@
 
 typedef struct {
     int cin, width, n, eca_k;
+    /* Input variants, so that the decoder's nearest x2 upsampling and skip concatenation need
+     * no pass of their own: with cin2 > 0 the input is concat(x, x2) along channels (x has
+     * cin - cin2 channels, x2 has cin2); with upsample = 2 the input is x upsampled x2 by
+     * nearest neighbour (x is (batch, cin, H/2, W/2)). Not both. */
+    int cin2, upsample;
     const float *w1, *b1;   /* (width, cin), (width) */
     const float *dw, *dwb;  /* (n-1, width, 3, 3), (n-1, width) */
     const float *pw, *pwb;  /* (n-1, width, width), (n-1, width) */
@@ -29,8 +34,9 @@ typedef struct {
 typedef void (*saconv_task)(void *data, size_t i);
 typedef void (*saconv_parallel_for)(void *pool, saconv_task fn, void *data, size_t count);
 
-/* y (batch, n*width, H, W) from x (batch, cin, H, W). Returns 0, or -1 if memory ran out. */
-int saconv_forward(const saconv_weights *wt, const float *x, float *y, int batch, int H, int W,
-                   saconv_parallel_for parallel_for, void *pool);
+/* y (batch, n*width, H, W) from x (batch, cin, H, W) (see cin2 and upsample for x2 and the
+ * input's size). Returns 0, or -1 if memory ran out. */
+int saconv_forward(const saconv_weights *wt, const float *x, const float *x2, float *y, int batch, int H,
+                   int W, saconv_parallel_for parallel_for, void *pool);
 
 #endif
