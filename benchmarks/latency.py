@@ -5,10 +5,11 @@ Usage: python benchmarks/latency.py [--threads 2] [--repeats 10] [--archs sa_une
 
 For each architecture at 512x512, batch 1: eager fp32 (default layout), eager channels_last,
 channels_last + bf16 autocast, and onnxruntime at ORT_ENABLE_ALL / EXTENDED / BASIC; for SA-UNet also
-two rejected levers: ECA gate + BatchNorm rewritten as one per-channel multiply-add (same function), and
+nerveseg's native fused SAConv operators (nerveseg.inference.native, the default CPU path) and two
+rejected levers: ECA gate + BatchNorm rewritten as one per-channel multiply-add (same function), and
 int8 static quantization (QDQ, per-channel weights, calibrated on 4 random inputs; speed only). Then frames
-per second of nerveseg's onnxruntime path (its per-architecture level) at native ultrasound sizes
-(442x565, 576x864), and training-step
+per second of nerveseg's onnxruntime path (native operators for SA-UNet when they build, else the
+per-architecture level) at native ultrasound sizes (442x565, 576x864), and training-step
 throughput (batch 4, 256x256) in fp32 eager vs channels_last + bf16 autocast. Medians of `repeats`
 after warm-up. Nothing here is a test: numbers depend on the machine and its load.
 """
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from nerveseg.inference import native
 from nerveseg.inference.onnx_backend import DEFAULT_ORT_LEVEL, ORT_LEVEL_BY_ARCH, export_onnx
 from nerveseg.models import create
 from nerveseg.models.blocks import SAConv
@@ -44,13 +46,26 @@ def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
-def ort_session(path: Path, threads: int, level: str):
+def ort_session(path: Path, threads: int, level: str, native_ops: bool = False):
+    """One session at a time: each holds a thread pool whose threads spin after a run, so a
+    second live session would steal CPU from the one being timed."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
+    if native_ops:
+        native.register_saconv(options)
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def native_available() -> bool:
+    try:
+        native.saconv_library()
+    except native.NativeUnavailable as exc:
+        print(f"native SAConv operators not measured: {exc}")
+        return False
+    return True
 
 
 def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inductor: bool = False) -> dict:
@@ -80,6 +95,14 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inducto
         session = ort_session(path, threads, level)
         results[f"onnxruntime fp32 {level}"] = median_ms(lambda: session.run(None, feed), repeats)
     default_level = ORT_LEVEL_BY_ARCH.get(arch, DEFAULT_ORT_LEVEL)
+    fps_path, fps_native = path, False
+    if arch == "sa_unet" and native_available():
+        fused = export_onnx(create(arch).eval(), tmp / f"{arch}-native.onnx", native_saconv=True)
+        for level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
+            session = ort_session(fused, threads, level, native_ops=True)
+            results[f"onnxruntime fp32 native SAConv operators {level}"] = median_ms(lambda: session.run(None, feed), repeats)
+        del session
+        fps_path, fps_native = fused, True
     if arch == "sa_unet":
         folded = export_gate_bn_folded(create(arch).eval(), tmp / "gate_bn.onnx", x)
         session = ort_session(folded, threads, default_level)
@@ -90,11 +113,11 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inducto
             session = ort_session(quantized, threads, "ORT_ENABLE_ALL")
             results["onnxruntime int8 QDQ ORT_ENABLE_ALL"] = median_ms(lambda: session.run(None, feed), repeats)
     fps = {}
-    session = ort_session(path, threads, default_level)
+    session = ort_session(fps_path, threads, default_level, native_ops=fps_native)
     for h, w in ((442, 565), (576, 864)):
         frame = {"image": np.random.default_rng(0).standard_normal((1, 1, h, w), dtype=np.float32)}
         fps[f"{h}x{w}"] = 1000 / median_ms(lambda: session.run(None, frame), repeats)
-    return {"latency_ms_512": results, "fps_onnxruntime": fps}
+    return {"latency_ms_512": results, "fps_onnxruntime": fps, "fps_path": "native SAConv operators" if fps_native else default_level}
 
 
 class _GateBatchNormFolded(nn.Module):
@@ -194,7 +217,7 @@ def main() -> None:
             for name, ms in r["latency_ms_512"].items():
                 print(f"  {name:<40} {ms:8.1f} ms  x{base / ms:5.2f}")
             for size, fps in r["fps_onnxruntime"].items():
-                print(f"  onnxruntime frames/s at {size:<17} {fps:8.1f}")
+                print(f"  onnxruntime frames/s at {size:<17} {fps:8.1f}  ({r['fps_path']})")
             for name, ips in r["train_images_per_s_256_batch4"].items():
                 print(f"  training images/s (256, batch 4) {name:<30} {ips:6.2f}")
     if args.out:

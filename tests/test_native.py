@@ -275,3 +275,16 @@ def test_build_is_cached_per_cpu_and_reports_a_missing_compiler(tmp_path, monkey
     with pytest.raises(native.NativeUnavailable, match="no C compiler"):
         native.saconv_library()
     native._build.cache_clear()
+
+
+def test_cli_export_native(sa_run, tmp_path, capsys):
+    from nerveseg.cli.main import main
+
+    out = tmp_path / "native.onnx"
+    assert main(["export", "--model", str(sa_run), "--native", "--out", str(out)]) == 0
+    assert "native SAConv operators" in capsys.readouterr().out
+    domains = {n.domain for n in onnx.load(str(out)).graph.node}
+    assert "nerveseg" in domains
+    assert main(["export", "--model", str(sa_run), "--native", "--opset", "17", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert "opset 18 or later" in capsys.readouterr().err
+    assert not (tmp_path / "x.onnx").exists()

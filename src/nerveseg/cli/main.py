@@ -213,8 +213,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         config = RunConfig.load(run / "config.json")
         model = load_weights(create(config.model.arch, **config.model.kwargs), run / "model.safetensors")
         digest = weights_sha256(run / "model.safetensors")
-    export_onnx(model, args.out, args.opset, config=config, weights_hash=digest)
-    print(f"wrote {args.out} ({config.model.arch}, dynamic batch/height/width, opset {args.opset})")
+    export_onnx(model, args.out, args.opset, config=config, weights_hash=digest, native_saconv=args.native)
+    kind = "native SAConv operators: run with nerveseg.inference.native.register_saconv" if args.native else "standard operators"
+    print(f"wrote {args.out} ({config.model.arch}, dynamic batch/height/width, opset {args.opset}, {kind})")
     return 0
 
 
@@ -336,6 +337,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--out", required=True, help="FILE.onnx")
+    p.add_argument("--native", action="store_true",
+                   help="write each SAConv as one nerveseg.SAConv node (about 2.5x faster on a CPU; onnxruntime then "
+                        "needs nerveseg's native library registered, so the file is not portable)")
     p.set_defaults(func=cmd_export)
     return parser
 

@@ -328,8 +328,8 @@ def export_onnx_proto(
     """The ONNX ``ModelProto`` that ``export_onnx`` writes (see there)."""
     onnx = _import_onnx()
     automatic = dynamo is None
-    if native_saconv and dynamo is False:
-        raise ConfigError("native_saconv export needs the dynamo exporter (opset >= 18)")
+    if native_saconv and (dynamo is False or opset < 18):
+        raise ConfigError(f"the native SAConv graph is written by the dynamo exporter, opset 18 or later (not {opset})")
     if native_saconv:
         dynamo = True
     if automatic:

@@ -12,7 +12,10 @@
 #include <string.h>
 
 #define VLEN 16
-#define MIN_CHUNK_ROWS 32 /* rows per parallel task, at least: the n - 1 halo rows are computed twice */
+/* Rows per parallel task: H / CHUNK_DIVISOR tasks, 1 to MAX_CHUNKS of them. Each task computes
+ * n - 1 halo rows at each inner edge twice, but the deep levels (32-64 rows of 256-512
+ * channels, as much arithmetic as the first level) need more than one task to use two cores. */
+#define CHUNK_DIVISOR 16
 #define MAX_CHUNKS 8
 #define CO_BLOCK 8   /* output channels computed together in the 1x1 convolution */
 
@@ -23,28 +26,40 @@ static inline vfloat vload(const float *p) { return *(const vfloat *)p; }
 static inline void vstore(float *p, vfloat v) { *(vfloat *)p = v; }
 static inline vfloat vbroadcast(float s) { return (vfloat){0} + s; }
 
+/* CO_BLOCK output channels at the VLEN pixels from x: out[j][x..] = bias[j] + sum_ci w[j][ci] in[ci][x..] */
+static inline void pointwise_block(const float *in, ptrdiff_t in_stride, int cin, const float *w,
+                                   const float *bias, float *out, ptrdiff_t out_stride, int x) {
+    vfloat acc[CO_BLOCK];
+    for (int j = 0; j < CO_BLOCK; j++) acc[j] = vbroadcast(bias[j]);
+    for (int ci = 0; ci < cin; ci++) {
+        vfloat v = vload(in + ci * in_stride + x);
+        for (int j = 0; j < CO_BLOCK; j++) acc[j] += w[j * cin + ci] * v;
+    }
+    for (int j = 0; j < CO_BLOCK; j++) vstore(out + j * out_stride + x, acc[j]);
+}
+
 /* out[co][x] = bias[co] + sum_ci w[co][ci] * in[ci][x] for x < len; in/out rows are
- * in_stride / out_stride floats apart. */
+ * in_stride / out_stride floats apart; out must not overlap in. A row whose length is not a
+ * multiple of VLEN ends with one vector that overlaps the previous one (recomputing a few
+ * outputs costs less than a scalar tail, which at the deep levels' 36- and 72-pixel rows and
+ * 256-512 input channels took a large share of the time). */
 static void pointwise(const float *in, ptrdiff_t in_stride, int cin, const float *w,
                       const float *bias, float *out, ptrdiff_t out_stride, int cout, int len) {
     int co = 0;
     for (; co + CO_BLOCK <= cout; co += CO_BLOCK) {
         const float *wb = w + (ptrdiff_t)co * cin;
+        float *ob = out + co * out_stride;
         int x = 0;
-        for (; x + VLEN <= len; x += VLEN) {
-            vfloat acc[CO_BLOCK];
-            for (int j = 0; j < CO_BLOCK; j++) acc[j] = vbroadcast(bias[co + j]);
-            for (int ci = 0; ci < cin; ci++) {
-                vfloat v = vload(in + ci * in_stride + x);
-                for (int j = 0; j < CO_BLOCK; j++) acc[j] += wb[j * cin + ci] * v;
-            }
-            for (int j = 0; j < CO_BLOCK; j++) vstore(out + (co + j) * out_stride + x, acc[j]);
+        for (; x + VLEN <= len; x += VLEN) pointwise_block(in, in_stride, cin, wb, bias + co, ob, out_stride, x);
+        if (x < len && len >= VLEN) {
+            pointwise_block(in, in_stride, cin, wb, bias + co, ob, out_stride, len - VLEN);
+            continue;
         }
         for (; x < len; x++) {
             for (int j = 0; j < CO_BLOCK; j++) {
                 float acc = bias[co + j];
                 for (int ci = 0; ci < cin; ci++) acc += wb[j * cin + ci] * in[ci * in_stride + x];
-                out[(co + j) * out_stride + x] = acc;
+                ob[j * out_stride + x] = acc;
             }
         }
     }
@@ -59,16 +74,23 @@ static void pointwise(const float *in, ptrdiff_t in_stride, int cin, const float
 }
 
 /* One output row of a depthwise 3x3 convolution: out[x] = b + sum k[dy][dx] * row_dy[x + dx - 1].
- * The three input rows carry one zero column on each side (row[-1] and row[len] are 0). */
+ * The three input rows carry one zero column on each side (row[-1] and row[len] are 0); out
+ * must not overlap them (the tail vector overlaps the previous one, as in pointwise). */
+static inline void depthwise_block(const float *const rows[3], const float *k, float b, float *out, int x) {
+    vfloat acc = vbroadcast(b);
+    for (int dy = 0; dy < 3; dy++)
+        for (int dx = 0; dx < 3; dx++) acc += k[dy * 3 + dx] * vload(rows[dy] + x + dx - 1);
+    vstore(out + x, acc);
+}
+
 static void depthwise_row(const float *up, const float *mid, const float *down, const float *k,
                           float b, float *out, int len) {
-    const float *rows[3] = {up, mid, down};
+    const float *const rows[3] = {up, mid, down};
     int x = 0;
-    for (; x + VLEN <= len; x += VLEN) {
-        vfloat acc = vbroadcast(b);
-        for (int dy = 0; dy < 3; dy++)
-            for (int dx = 0; dx < 3; dx++) acc += k[dy * 3 + dx] * vload(rows[dy] + x + dx - 1);
-        vstore(out + x, acc);
+    for (; x + VLEN <= len; x += VLEN) depthwise_block(rows, k, b, out, x);
+    if (x < len && len >= VLEN) {
+        depthwise_block(rows, k, b, out, len - VLEN);
+        return;
     }
     for (; x < len; x++) {
         float acc = b;
@@ -276,7 +298,7 @@ static void activate_task(void *data, size_t task) {
 int saconv_forward(const saconv_weights *wt, const float *x, const float *x2, float *y, int batch, int H,
                    int W, saconv_parallel_for parallel_for, void *pool) {
     const int C = wt->n * wt->width;
-    int chunks = H / MIN_CHUNK_ROWS;
+    int chunks = H / CHUNK_DIVISOR;
     chunks = chunks < 1 ? 1 : chunks > MAX_CHUNKS ? MAX_CHUNKS : chunks;
     const int chunk_rows = (H + chunks - 1) / chunks;
     chunks = (H + chunk_rows - 1) / chunk_rows;
