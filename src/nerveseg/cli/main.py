@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--out", required=True, help="FILE.onnx")
     p.add_argument("--native", action="store_true",
-                   help="write each SAConv as one nerveseg.SAConv node (about 2.5x faster on a CPU; onnxruntime then "
+                   help="write each SAConv as one nerveseg.SAConv node (about 2.6x faster on a CPU; onnxruntime then "
                         "needs nerveseg's native library registered, so the file is not portable)")
     p.set_defaults(func=cmd_export)
     return parser

@@ -412,7 +412,7 @@ def export_onnx(
     ``in_channels`` (default: from ``config``, else the first Conv2d) is the image channels.
 
     ``native_saconv`` writes every SAConv as one ``nerveseg.SAConv`` node, which onnxruntime runs
-    only with nerveseg's native library registered (``nerveseg.inference.native``): ~2x faster
+    only with nerveseg's native library registered (``nerveseg.inference.native``): ~2.6x faster
     on a CPU, but not portable to other runtimes. The default graph uses standard ONNX operators.
     """
     proto = export_onnx_proto(
@@ -553,7 +553,7 @@ class OnnxPredictor:
 
         ``native`` (default: on when running on the CPU, the architecture has SAConvs and the
         native library builds here, unless the environment sets NERVESEG_NATIVE=0): run the
-        graph with fused ``nerveseg.SAConv`` operators instead (same function, ~2x faster on a
+        graph with fused ``nerveseg.SAConv`` operators instead (same function, ~2.6x faster on a
         CPU; docs/performance.md), exported once into nerveseg's cache folder, not the run
         folder. If it cannot be used, the standard graph runs (with a warning when ``native``
         was asked for explicitly)."""
