@@ -216,69 +216,36 @@ def saconv_reference(
     return torch.relu(z * scale[:, :, None, None] + bn_shift[None, :, None, None])
 
 
-@torch.library.custom_op("nerveseg::saconv", mutates_args=())
-def _saconv_op(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    dw: torch.Tensor,
-    dwb: torch.Tensor,
-    pw: torch.Tensor,
-    pwb: torch.Tensor,
-    eca: torch.Tensor,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
-) -> torch.Tensor:
-    return saconv_reference(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
+WEIGHT_NAMES = ("w1", "b1", "dw", "dwb", "pw", "pwb", "eca", "bn_scale", "bn_shift")
 
 
-@_saconv_op.register_fake
-def _(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
-    return x.new_empty((x.shape[0], bn_scale.shape[0], x.shape[2], x.shape[3]))
+def _custom_op(name: str, inputs: tuple[str, ...], function, output_shape):
+    """Register ``nerveseg::<name>(inputs..., weights...) -> Tensor`` with ``function`` as its
+    eager implementation and ``output_shape(first input, bn_scale)`` for tracing."""
+    schema = "(" + ", ".join(f"Tensor {arg}" for arg in inputs + WEIGHT_NAMES) + ") -> Tensor"
+    op = torch.library.custom_op(f"nerveseg::{name}", function, mutates_args=(), schema=schema)
+    op.register_fake(lambda *args: args[0].new_empty(output_shape(args[0], args[-2])))
+    return op
 
 
-@torch.library.custom_op("nerveseg::saconv_up2", mutates_args=())
-def _saconv_up2_op(
-    x: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    dw: torch.Tensor,
-    dwb: torch.Tensor,
-    pw: torch.Tensor,
-    pwb: torch.Tensor,
-    eca: torch.Tensor,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
-) -> torch.Tensor:
-    up = F.interpolate(x, scale_factor=2.0, mode="nearest")
-    return saconv_reference(up, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
-
-
-@_saconv_up2_op.register_fake
-def _(x, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
-    return x.new_empty((x.shape[0], bn_scale.shape[0], 2 * x.shape[2], 2 * x.shape[3]))
-
-
-@torch.library.custom_op("nerveseg::saconv_cat", mutates_args=())
-def _saconv_cat_op(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    w1: torch.Tensor,
-    b1: torch.Tensor,
-    dw: torch.Tensor,
-    dwb: torch.Tensor,
-    pw: torch.Tensor,
-    pwb: torch.Tensor,
-    eca: torch.Tensor,
-    bn_scale: torch.Tensor,
-    bn_shift: torch.Tensor,
-) -> torch.Tensor:
-    return saconv_reference(torch.cat([a, b], dim=1), w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift)
-
-
-@_saconv_cat_op.register_fake
-def _(a, b, w1, b1, dw, dwb, pw, pwb, eca, bn_scale, bn_shift):
-    return a.new_empty((a.shape[0], bn_scale.shape[0], a.shape[2], a.shape[3]))
+_saconv_op = _custom_op(
+    "saconv",
+    ("x",),
+    saconv_reference,
+    lambda x, bn_scale: (x.shape[0], bn_scale.shape[0], x.shape[2], x.shape[3]),
+)
+_saconv_up2_op = _custom_op(
+    "saconv_up2",
+    ("x",),
+    lambda x, *w: saconv_reference(F.interpolate(x, scale_factor=2.0, mode="nearest"), *w),
+    lambda x, bn_scale: (x.shape[0], bn_scale.shape[0], 2 * x.shape[2], 2 * x.shape[3]),
+)
+_saconv_cat_op = _custom_op(
+    "saconv_cat",
+    ("a", "b"),
+    lambda a, b, *w: saconv_reference(torch.cat([a, b], dim=1), *w),
+    lambda a, bn_scale: (a.shape[0], bn_scale.shape[0], a.shape[2], a.shape[3]),
+)
 
 
 class FusedSAConv(nn.Module):
@@ -416,7 +383,6 @@ def onnx_translation_table() -> dict:
     import onnxscript
     from onnx.defs import OpSchema
 
-    weights = ("w1", "b1", "dw", "dwb", "pw", "pwb", "eca", "bn_scale", "bn_shift")
     opset = onnxscript.values.Opset(DOMAIN, 1)
 
     def op(name: str, inputs: tuple[str, ...]):
@@ -424,7 +390,7 @@ def onnx_translation_table() -> dict:
             name,
             DOMAIN,
             1,
-            inputs=[OpSchema.FormalParameter(i, "T") for i in inputs + weights],
+            inputs=[OpSchema.FormalParameter(i, "T") for i in inputs + WEIGHT_NAMES],
             outputs=[OpSchema.FormalParameter("y", "T")],
             type_constraints=[("T", ["tensor(float)"], "float32")],
         )
