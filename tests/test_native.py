@@ -127,6 +127,17 @@ def test_concatenation_variant_is_saconv_of_the_concatenated_inputs(ca, cb):
         session.run(None, feed)
 
 
+def test_a_nan_input_gives_nan_like_torch(session):
+    module = _saconv(4, 16, 4)
+    x = torch.randn(1, 4, 20, 20)
+    x[0, 1, 5, 7] = float("nan")
+    with torch.no_grad():
+        expected = module(x).numpy()
+    got = session.run(None, _feed(module, x))[0]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(expected))  # the mean, so every pixel
+    assert np.isnan(got).all()
+
+
 def test_operator_is_the_same_with_one_thread_and_two(session):
     module = _saconv(32, 32, 4)
     x = torch.randn(1, 32, 130, 90)

@@ -106,6 +106,7 @@ typedef struct {
     float *y;
     int H, W, chunks, chunk_rows;
     double *sums;        /* (batch * chunks, C) per-chunk channel sums of z */
+    volatile int failed; /* a task could not get its scratch memory */
     const float *scale;  /* (batch, C) gate * bn_scale, for the second pass */
     int channels;        /* C */
 } saconv_job;
@@ -222,8 +223,8 @@ static void chunk_task(void *data, size_t task) {
 
     const size_t need = (size_t)(ring * (n > 1 ? n - 1 : 1) + rs + (ptrdiff_t)w * W * 2 + xs * cin);
     float *mem = get_scratch(need);
-    if (!mem) { /* reported to the caller as a NaN mean */
-        for (int c = 0; c < C; c++) sums[c] = NAN;
+    if (!mem) {
+        job->failed = 1;
         return;
     }
     float *rings = mem;                        /* stage k (1..n-1) at rings + (k-1) * ring */
@@ -287,11 +288,11 @@ static void activate_task(void *data, size_t task) {
     ptrdiff_t i = 0;
     for (; i + VLEN <= hw; i += VLEN) {
         vfloat v = vload(p + i) * vs + vt;
-        vstore(p + i, (vfloat)((vmask)v & (v > zero))); /* max(v, 0) */
+        vstore(p + i, (vfloat)((vmask)v & ~(v <= zero))); /* max(v, 0), NaN kept as torch.relu does */
     }
     for (; i < hw; i++) {
         float v = p[i] * s + t;
-        p[i] = v > 0.0f ? v : 0.0f;
+        p[i] = v <= 0.0f ? 0.0f : v;
     }
 }
 
@@ -309,17 +310,16 @@ int saconv_forward(const saconv_weights *wt, const float *x, const float *x2, fl
         free(sums), free(scale), free(mean);
         return -1;
     }
-    saconv_job job = {wt, x, x2, y, H, W, chunks, chunk_rows, sums, scale, C};
+    saconv_job job = {wt, x, x2, y, H, W, chunks, chunk_rows, sums, 0, scale, C};
     parallel_for(pool, chunk_task, &job, (size_t)batch * chunks);
 
     const int half = wt->eca_k / 2;
-    int failed = 0;
+    const int failed = job.failed;
     for (int b = 0; b < batch; b++) {
         for (int c = 0; c < C; c++) {
             double s = 0.0;
             for (int i = 0; i < chunks; i++) s += sums[((size_t)b * chunks + i) * C + c];
             mean[c] = s / ((double)H * W);
-            if (isnan(mean[c])) failed = 1;
         }
         for (int c = 0; c < C; c++) { /* ECA: 1-D convolution across channels, zero padded */
             double a = 0.0;
