@@ -30,7 +30,7 @@ from torch import nn
 
 from nerveseg.inference import native
 from nerveseg.inference.onnx_backend import DEFAULT_ORT_LEVEL, ORT_LEVEL_BY_ARCH, export_onnx
-from nerveseg.models import create
+from nerveseg.models import create, replace_modules_
 from nerveseg.models.blocks import SAConv
 from nerveseg.training.losses import soft_dice_loss
 
@@ -141,10 +141,7 @@ class _GateBatchNormFolded(nn.Module):
 
 
 def export_gate_bn_folded(model: nn.Module, path: Path, example: torch.Tensor) -> Path:
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SAConv):
-                setattr(parent, name, _GateBatchNormFolded(child))
+    replace_modules_(model, lambda m: isinstance(m, SAConv), _GateBatchNormFolded)
     torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
                       dynamo=True, opset_version=18)
     return path

@@ -154,15 +154,10 @@ class _TwoStageECA(nn.Module):
 
 def _two_stage_eca_(model: nn.Module) -> int:
     """Replace every ``ECA`` (exactly that class) in ``model`` by ``_TwoStageECA``, in place."""
+    from ..models import replace_modules_
     from ..models.blocks import ECA
 
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is ECA:
-                setattr(parent, name, _TwoStageECA(child))
-                replaced += 1
-    return replaced
+    return replace_modules_(model, lambda m: type(m) is ECA, _TwoStageECA)
 
 
 def fold_batchnorm_(model: nn.Module) -> int:
@@ -330,8 +325,6 @@ def export_onnx_proto(
     automatic = dynamo is None
     if native_saconv and (dynamo is False or opset < 18):
         raise ConfigError(f"the native SAConv graph is written by the dynamo exporter, opset 18 or later (not {opset})")
-    if native_saconv:
-        dynamo = True
     if automatic:
         # The dynamo exporter emits opset >= 18 only; asked for 17 it exports 18 and then fails
         # to down-convert (onnx's version converter has no Pad 18 -> 17 adapter), so a lower
@@ -604,7 +597,11 @@ class OnnxPredictor:
         return results
 
 
-def _cache_is_fresh(onnx_path: Path, weights: Path, config: RunConfig, native_ops: bool = False) -> bool:
+def _cache_is_fresh(
+    onnx_path: Path, weights: Path, config: RunConfig, native_ops: bool = False, digest: str | None = None
+) -> bool:
+    """Whether ``onnx_path`` was exported from these weights (``digest``: their SHA-256, when the
+    caller has it already) for this architecture and export revision."""
     if not onnx_path.is_file():
         return False
     try:
@@ -621,7 +618,7 @@ def _cache_is_fresh(onnx_path: Path, weights: Path, config: RunConfig, native_op
     except Exception:  # unreadable / truncated cache: export again
         return False
     meta = dict(meta.custom_metadata_map)
-    return meta.get("weights_sha256") == weights_sha256(weights) and _config_matches(meta, config)
+    return meta.get("weights_sha256") == (digest or weights_sha256(weights)) and _config_matches(meta, config)
 
 
 def _native_model(run_dir: Path, config: RunConfig, device: str, opset: int, explicit: bool) -> Path | None:
@@ -644,7 +641,9 @@ def _native_model(run_dir: Path, config: RunConfig, device: str, opset: int, exp
     ort = _import_onnxruntime()
     if _providers(ort, device) != ["CPUExecutionProvider"]:
         return skip("it runs on the CPU only")
-    if not native.has_saconv(create(config.model.arch, **config.model.kwargs)):
+    with torch.device("meta"):  # the layer structure only: no weights allocated
+        skeleton = create(config.model.arch, **config.model.kwargs)
+    if not native.has_saconv(skeleton):
         return skip(f"{config.model.arch} has no SAConv")
     try:
         native.saconv_library()
@@ -653,7 +652,7 @@ def _native_model(run_dir: Path, config: RunConfig, device: str, opset: int, exp
     weights = run_dir / WEIGHTS_FILENAME
     digest = weights_sha256(weights)
     path = native.cache_dir() / "models" / f"{config.model.arch}-{digest[:24]}-r{EXPORT_REVISION}.onnx"
-    if not _cache_is_fresh(path, weights, config, native_ops=True):
+    if not _cache_is_fresh(path, weights, config, native_ops=True, digest=digest):
         if not _exporter_available():
             return skip(_EXPORT_MISSING)
         model = _load_torch_model(run_dir, config)

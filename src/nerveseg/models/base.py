@@ -9,6 +9,18 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def replace_modules_(model: nn.Module, matches: Callable[[nn.Module], bool], replacement: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace, in place, every submodule of ``model`` for which ``matches`` holds by
+    ``replacement(submodule)``; returns how many. (Export and inference rewrite blocks this way.)"""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if matches(child):
+                setattr(parent, name, replacement(child))
+                replaced += 1
+    return replaced
+
+
 class SegmentationModel(nn.Module):
     """Base class of every nerveseg network.
 

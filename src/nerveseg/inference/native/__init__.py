@@ -268,14 +268,16 @@ class FusedSAConv(nn.Module):
         def bias(conv: nn.Conv2d) -> torch.Tensor:
             return conv.bias.detach() if conv.bias is not None else torch.zeros(conv.out_channels)
 
+        def stacked(tensors: list[torch.Tensor], *shape: int) -> torch.Tensor:
+            return torch.stack(tensors) if tensors else torch.zeros(0, *shape)  # n = 1: no stages
+
         stages = list(saconv.cascade[1:])
-        empty = torch.zeros(0, width)
         self.register_buffer("w1", first.weight.detach().reshape(width, -1).clone())
         self.register_buffer("b1", bias(first).clone())
-        self.register_buffer("dw", torch.stack([s[0].weight.detach().reshape(width, 9) for s in stages]) if stages else torch.zeros(0, width, 9))
-        self.register_buffer("dwb", torch.stack([bias(s[0]) for s in stages]) if stages else empty.clone())
-        self.register_buffer("pw", torch.stack([s[1].weight.detach().reshape(width, width) for s in stages]) if stages else torch.zeros(0, width, width))
-        self.register_buffer("pwb", torch.stack([bias(s[1]) for s in stages]) if stages else empty.clone())
+        self.register_buffer("dw", stacked([s[0].weight.detach().reshape(width, 9) for s in stages], width, 9))
+        self.register_buffer("dwb", stacked([bias(s[0]) for s in stages], width))
+        self.register_buffer("pw", stacked([s[1].weight.detach().reshape(width, width) for s in stages], width, width))
+        self.register_buffer("pwb", stacked([bias(s[1]) for s in stages], width))
         self.register_buffer("eca", saconv.attention.conv.weight.detach().reshape(-1).clone())
         bn = saconv.norm
         scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
@@ -314,15 +316,10 @@ def fusable(saconv: nn.Module) -> bool:
 
 def fuse_saconv_(model: nn.Module) -> int:
     """Replace every fusable ``SAConv`` in ``model`` by ``FusedSAConv``, in place; returns how many."""
+    from ...models import replace_modules_
     from ...models.blocks import SAConv
 
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, SAConv) and fusable(child):
-                setattr(parent, name, FusedSAConv(child))
-                replaced += 1
-    return replaced
+    return replace_modules_(model, lambda m: isinstance(m, SAConv) and fusable(m), FusedSAConv)
 
 
 class FusedUNetDecoder(SegmentationModel):
