@@ -341,6 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write each SAConv as one nerveseg.SAConv node (about 2.6x faster on a CPU; onnxruntime then "
                         "needs nerveseg's native library registered, so the file is not portable)")
     p.set_defaults(func=cmd_export)
+    from .web_commands import add_web_commands
+    add_web_commands(sub)
     return parser
 
 

@@ -1,0 +1,105 @@
+"""``nerveseg serve`` (the web page and API) and ``nerveseg demo`` (the shipped examples)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _missing_web_dependencies() -> list[str]:
+    import importlib.util
+
+    return [name for module, name in (("fastapi", "fastapi"), ("uvicorn", "uvicorn"))
+            if importlib.util.find_spec(module) is None]
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..errors import ConfigError
+
+    missing = _missing_web_dependencies()
+    if missing:
+        raise ConfigError(f"nerveseg serve needs {' and '.join(missing)}: pip install 'nerveseg[web]'")
+    import uvicorn
+
+    from ..pretrained import pretrained_dir
+    from ..web import ServeSettings, create_app
+
+    settings = ServeSettings(
+        model_dir=Path(args.model) if args.model else pretrained_dir(),
+        workspace=Path(args.workspace), host=args.host, port=args.port, token=args.token, no_auth=args.no_auth,
+        backend=args.backend, device=args.device, max_image_mb=args.max_image_mb, max_video_mb=args.max_video_mb,
+        max_frames=args.max_frames, max_cases=args.max_cases, max_store_mb=args.max_store_mb,
+        workers=args.workers, max_queue=args.max_queue, finetune_epochs=args.finetune_epochs,
+    )
+    print(f"nerveseg serve: loading the model from {settings.model_dir} ...", file=sys.stderr)
+    app = create_app(settings)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    print(f"nerveseg serve: open http://{host}:{settings.port}/ (API: /docs); workspace {settings.workspace}"
+          + ("; API calls need 'Authorization: Bearer <token>'" if settings.token else "")
+          + ("; WARNING: no authentication, anyone on the network can use it" if settings.no_auth else ""),
+          file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", server_header=False)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from ..demo import run_demo
+
+    out = Path(args.out)
+    demo = run_demo(out, model_dir=args.model, backend=args.backend, log=lambda m: print(m, file=sys.stderr))
+    rows = demo.result.rows
+    print(f"segmented {len(demo.inputs)} example files (usgra-seg dataset, T. M. K., CC-BY 4.0) with the model in "
+          f"{demo.model_dir}:")
+    for path in demo.inputs:
+        mine = [r for r in rows if Path(r["file"]).name == path.name]
+        if not mine:
+            continue
+        areas = [r["area_mm2"] if r["area_mm2"] != "" else r["area_px"] for r in mine]
+        unit = "mm²" if mine[0]["area_mm2"] != "" else "px"
+        if len(mine) == 1:
+            print(f"  {path.name}: nerve CSA {areas[0]} {unit}, QC {mine[0]['qc_flags'] or 'ok'}")
+        else:
+            values = [float(a) for a in areas]
+            print(f"  {path.name}: {len(mine)} frames, nerve CSA {min(values):g}-{max(values):g} {unit}")
+    print(f"results in {out}/: measurements.csv, <name>_mask.png, <name>_overlay.png; the cine loop's "
+          f"<name>_overlay.mp4 and <name>_csa.png")
+    print(f"see, correct and measure them in the browser: nerveseg serve --workspace {out / 'workspace'}  "
+          f"then open http://127.0.0.1:8000/ and drop the files of {demo.inputs[0].parent}")
+    return 0 if rows and not demo.result.problems else 1
+
+
+def add_web_commands(sub) -> None:
+    """Register ``serve`` and ``demo`` on the ``nerveseg`` subparsers."""
+    p = sub.add_parser("serve", help="web page + REST API: see, correct and measure nerves in the browser")
+    p.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only; another needs --token or --no-auth)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workspace", default="nerveseg-workspace",
+                   help="folder for corrected cases (images/, masks/, manifest.csv) and fine-tuning runs")
+    p.add_argument("--token", default=None, help="bearer token every API request must carry (at least 16 characters)")
+    p.add_argument("--no-auth", action="store_true", help="allow a non-loopback --host without a token (not advised)")
+    p.add_argument("--max-image-mb", type=_positive_float, default=50, help="upload limit for PNG/JPEG/TIFF/BMP")
+    p.add_argument("--max-video-mb", type=_positive_float, default=500, help="upload limit for MP4/AVI and DICOM")
+    p.add_argument("--max-frames", type=int, default=1000, help="most frames in one cine loop")
+    p.add_argument("--max-cases", type=int, default=64, help="cases kept in memory (oldest evicted)")
+    p.add_argument("--max-store-mb", type=_positive_float, default=1024, help="memory for cases (oldest evicted)")
+    p.add_argument("--workers", type=int, default=1, help="segmentations at once (each uses every core)")
+    p.add_argument("--max-queue", type=int, default=16, help="segmentations waiting; beyond that: 503 + Retry-After")
+    p.add_argument("--finetune-epochs", type=int, default=10, help="default epochs of the page's fine-tune button")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("demo", help="segment the example files shipped with nerveseg (no data needed)")
+    p.add_argument("--out", required=True, help="folder for masks, overlays, measurements.csv")
+    p.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
+    p.set_defaults(func=cmd_demo)

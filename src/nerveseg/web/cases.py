@@ -1,0 +1,296 @@
+"""Cases held by the server: an uploaded file's frames, probabilities, label maps and
+measurements, in a store bounded by count and bytes.
+
+A case is made by :func:`segment_upload`, which reads the file with the same readers as
+``nerveseg segment`` (``inference.segment``), resolves the pixel size the same way, and
+measures with ``inference.measure``; only the outputs stay in memory instead of on disk.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from scipy import ndimage
+
+from ..errors import InputError
+from ..inference.calibration import Spacing, dicom_spacing, mask_roi, read_dicom_header, resolve_spacing
+from ..inference.measure import measurement_rows, postprocess
+from ..inference.segment import SegmentOptions, _open
+from .images import NERVE, VESSEL
+
+CASE_ID_PATTERN = r"^[A-Za-z0-9_-]{16,32}$"
+_EIGHT = np.ones((3, 3), dtype=bool)
+
+
+def new_case_id() -> str:
+    """128 random bits, URL-safe: case ids are made by the server and unguessable."""
+    return secrets.token_urlsafe(16)
+
+
+def class_names(predictor) -> list[str]:
+    return list(getattr(predictor, "class_names", None) or ["nerve"])
+
+
+def predict_classes(predictor, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+    """(C, H, W) probabilities per image: ``predict_classes`` when the model has it, else the
+    nerve probability of ``predict_many`` as one class."""
+    if hasattr(predictor, "predict_classes"):
+        return [np.asarray(predictor.predict_classes(img), dtype=np.float32) for img in images]
+    return [p[None] for p in predictor.predict_many(images, batch_size=batch_size)]
+
+
+@dataclass
+class Frame:
+    image: np.ndarray  # uint8 (H, W) grey, what the page shows and the workspace saves
+    prob: np.ndarray  # float16 (C, H, W) model probabilities
+    labels: np.ndarray  # uint8 (H, W): 0 background, 1 nerve, 2 vessel
+    predicted: np.ndarray  # uint8 (H, W): the labels as the model made them (for "reset")
+    spacing: Spacing | None
+    row: dict = field(default_factory=dict)
+    edited: bool = False
+
+    @property
+    def nbytes(self) -> int:
+        return self.image.nbytes + self.prob.nbytes + self.labels.nbytes + self.predicted.nbytes
+
+
+@dataclass
+class Case:
+    id: str
+    name: str  # the client's file name, cleaned; shown, never used as a path
+    kind: str  # image | dicom | video
+    frames: list[Frame]
+    classes: list[str]
+    threshold: float
+    postprocess: str
+    min_area_px: int
+    fps: float | None
+    model: str
+    seconds: float
+    warnings: list[str] = field(default_factory=list)
+    tags: dict = field(default_factory=lambda: {"subject": "", "region": "", "side": ""})
+    saved: dict = field(default_factory=dict)  # frame index -> workspace stem
+    created: float = field(default_factory=time.time)
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self.frames)
+
+    def frame(self, index: int) -> Frame:
+        if not 0 <= index < len(self.frames):
+            raise IndexError(index)
+        return self.frames[index]
+
+    def class_index(self, name: str) -> int | None:
+        return self.classes.index(name) if name in self.classes else None
+
+    def nerve_prob(self, frame: Frame) -> np.ndarray:
+        return frame.prob[self.class_index("nerve") or 0].astype(np.float32)
+
+    def measure(self, index: int) -> dict:
+        """(Re-)measure one frame from its current labels; returns the measurement row."""
+        frame = self.frames[index]
+        nerve = frame.labels == NERVE
+        row = measurement_rows(self.name, index, nerve, self.nerve_prob(frame), frame.spacing)[0]
+        vessel = frame.labels == VESSEL
+        row["vessel_area_px"] = int(vessel.sum()) if self.class_index("vessel") is not None or vessel.any() else None
+        frame.row = row
+        return row
+
+
+def _labels(prob: np.ndarray, classes: list[str], options: SegmentOptions) -> np.ndarray:
+    nerve_i = classes.index("nerve") if "nerve" in classes else 0
+    nerve = postprocess(prob[nerve_i] >= options.threshold, options.postprocess, options.min_area_px)
+    labels = np.zeros(nerve.shape, np.uint8)
+    if "vessel" in classes:
+        labels[prob[classes.index("vessel")] >= options.threshold] = VESSEL
+    labels[nerve] = NERVE
+    return labels
+
+
+def segment_upload(
+    path: Path,
+    name: str,
+    predictor,
+    options: SegmentOptions,
+    *,
+    kind_group: str,
+    model_label: str,
+    max_frames: int,
+    max_bytes: int,
+    case_id: str | None = None,
+) -> Case:
+    """Segment every frame of an uploaded file into a :class:`Case` held in memory.
+
+    Errors are InputErrors named by the client's file name (never the server's path). A cine
+    loop over ``max_frames`` frames, or whose arrays would pass ``max_bytes``, is refused as
+    soon as that is known, before the rest is decoded.
+    """
+    t0 = time.perf_counter()
+    warnings: list[str] = []
+
+    def rename(exc: InputError) -> InputError:
+        return InputError(name, exc.problem, exc.fix)
+
+    try:
+        frames_iter, file_spacing, meta = _open(path)
+        spacing = resolve_spacing(options.spacing, file_spacing, name, log=warnings.append)
+        header = None
+        if spacing is None and meta.get("spacing_problem"):
+            header = read_dicom_header(path)
+            warnings.append(f"{name}: {meta['spacing_problem']}; each frame uses the region its nerve lies in")
+        classes = class_names(predictor)
+        frames: list[Frame] = []
+        previous = None
+        used = 0
+        chunk: list[np.ndarray] = []
+
+        def flush() -> None:
+            nonlocal previous
+            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size)):
+                if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
+                    prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
+                previous = prob
+                labels = _labels(prob, classes, options)
+                frame_spacing = spacing
+                if header is not None and (labels == NERVE).any():
+                    try:
+                        frame_spacing = dicom_spacing(header, roi=mask_roi(labels == NERVE), path=name)
+                    except InputError as exc:
+                        warnings.append(str(exc))
+                frames.append(Frame(
+                    image=np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
+                    prob=prob.astype(np.float16), labels=labels, predicted=labels.copy(), spacing=frame_spacing,
+                ))
+            chunk.clear()
+
+        for count, image in enumerate(frames_iter, start=1):
+            if count > max_frames:
+                raise InputError(name, f"has more than {max_frames} frames",
+                                 "split the cine loop, or start the server with a higher --max-frames")
+            used += image.size * (1 + 1 + 1 + 2 * len(classes))
+            if used > max_bytes:
+                raise InputError(name, f"is too large for the server's case store after {count} frames "
+                                       f"({max_bytes / 2**20:.0f} MB)", "split the cine loop, or start the server with a higher --max-store-mb")
+            chunk.append(image)
+            if len(chunk) == options.batch_size:
+                flush()
+        if chunk:
+            flush()
+    except InputError as exc:
+        raise rename(exc) from None
+    if not frames:
+        raise InputError(name, "holds no frames", "check the file")
+    kind = "video" if kind_group == "video" else ("dicom" if kind_group == "dicom" else "image")
+    fps = meta.get("fps")
+    case = Case(
+        id=case_id or new_case_id(), name=name, kind=kind, frames=frames, classes=classes,
+        threshold=options.threshold, postprocess=options.postprocess, min_area_px=options.min_area_px,
+        fps=fps, model=model_label, seconds=0.0, warnings=warnings,
+    )
+    for index in range(len(frames)):
+        case.measure(index)
+    case.seconds = time.perf_counter() - t0
+    return case
+
+
+# ------------------------------------------------------------------------------------------------
+# Corrections
+# ------------------------------------------------------------------------------------------------
+
+
+def keep_region(labels: np.ndarray, prob: np.ndarray, row: int, col: int, threshold: float) -> tuple[np.ndarray, str]:
+    """"Click the nerve": keep one nerve region, drop the other nerve regions.
+
+    In order: the predicted (or drawn) nerve region under the click; else the nearest nerve
+    region within 5% of the image diagonal; else the most likely region near the click, i.e.
+    the connected area where the probability is at least half of its peak within that radius
+    (a structure the model saw but left under the threshold). Vessel labels are kept.
+    Returns the new labels and what was done; InputError-free: ValueError when nothing is near.
+    """
+    h, w = labels.shape
+    if not (0 <= row < h and 0 <= col < w):
+        raise ValueError(f"the click ({col}, {row}) is outside the {w}x{h} frame")
+    nerve = labels == NERVE
+    comp, n = ndimage.label(nerve, structure=_EIGHT)
+    radius = 0.05 * float(np.hypot(h, w))
+    out = labels.copy()
+    out[nerve] = 0
+    if comp[row, col]:
+        out[comp == comp[row, col]] = NERVE
+        return out, "kept the nerve region under the click"
+    if n:
+        dist, (rr, cc) = ndimage.distance_transform_edt(comp == 0, return_indices=True)
+        if dist[row, col] <= radius:
+            out[comp == comp[rr[row, col], cc[row, col]]] = NERVE
+            return out, f"kept the nearest nerve region ({dist[row, col]:.0f} px from the click)"
+    r0, r1 = max(0, int(row - radius)), min(h, int(row + radius) + 1)
+    c0, c1 = max(0, int(col - radius)), min(w, int(col + radius) + 1)
+    yy, xx = np.mgrid[r0:r1, c0:c1]
+    window = np.where((yy - row) ** 2 + (xx - col) ** 2 <= radius**2, prob[r0:r1, c0:c1], -1.0)
+    peak = float(window.max())
+    if peak < 0.1:
+        raise ValueError("no nerve region or likely structure near the click; draw the nerve with the brush")
+    pr, pc = np.unravel_index(int(np.argmax(window)), window.shape)
+    candidate, _ = ndimage.label(prob >= min(threshold, peak / 2), structure=_EIGHT)
+    out[candidate == candidate[r0 + pr, c0 + pc]] = NERVE
+    return out, f"found a likely region (probability peak {peak:.2f}) and kept it"
+
+
+# ------------------------------------------------------------------------------------------------
+# Store
+# ------------------------------------------------------------------------------------------------
+
+
+class CaseStore:
+    """Cases by id, least recently used evicted first once there are more than ``max_cases``
+    or their arrays pass ``max_bytes``. Thread-safe."""
+
+    def __init__(self, max_cases: int, max_bytes: int, on_evict: Callable[[Case], Any] | None = None):
+        self.max_cases, self.max_bytes = max_cases, max_bytes
+        self._cases: OrderedDict[str, Case] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evicted = 0
+        self.on_evict = on_evict
+
+    def add(self, case: Case) -> list[str]:
+        if case.nbytes > self.max_bytes:
+            raise InputError(case.name, f"needs {case.nbytes / 2**20:.0f} MB, more than the server's case store "
+                                        f"({self.max_bytes / 2**20:.0f} MB)", "start the server with a higher --max-store-mb")
+        gone = []
+        with self._lock:
+            self._cases[case.id] = case
+            while len(self._cases) > self.max_cases or self.nbytes > self.max_bytes:
+                old_id, _ = self._cases.popitem(last=False)
+                gone.append(old_id)
+                self.evicted += 1
+        return gone
+
+    def get(self, case_id: str) -> Case:
+        with self._lock:
+            case = self._cases[case_id]  # KeyError: unknown or evicted
+            self._cases.move_to_end(case_id)
+            return case
+
+    def remove(self, case_id: str) -> None:
+        with self._lock:
+            del self._cases[case_id]
+
+    def list(self) -> list[Case]:
+        with self._lock:
+            return list(self._cases.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self._cases.values())
+
+    def __len__(self) -> int:
+        return len(self._cases)

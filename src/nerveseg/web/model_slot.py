@@ -1,0 +1,85 @@
+"""The model the server segments with: loaded once, shared by every request, swappable for a
+fine-tuned one from the page."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+from ..config import RunConfig
+
+# From docs/MODEL_CARD.md (the shipped model's validation, issue 4); shown for the shipped model.
+SHIPPED_CARD = {
+    "name": "sa_unet_usgra",
+    "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
+    "validation": "same recipe on two held-out folds of 41 images: Dice 0.643 ± 0.251 and 0.588 ± 0.247; "
+                  "4.9% complete misses (docs/MODEL_CARD.md)",
+    "limits": "not trained on the median nerve at the wrist or forearm, other machines, children or pathology; "
+              "check every outline",
+    "use": "Not a medical device. Research and decision support only.",
+}
+
+
+def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
+    from ..models import count_parameters, create
+
+    config: RunConfig = predictor.config
+    try:
+        import torch
+
+        with torch.device("meta"):
+            params = count_parameters(create(config.model.arch, **config.model.kwargs))
+    except Exception:  # an architecture that cannot be built on the meta device
+        params = None
+    t = config.train
+    info = {
+        "run": str(run_dir),
+        "shipped": shipped,
+        "architecture": config.model.arch,
+        "parameters": params,
+        "classes": list(getattr(predictor, "class_names", None) or ["nerve"]),
+        "input_size": config.preprocess.size,
+        "backend": type(predictor).__name__ + (" (native SAConv)" if getattr(predictor, "native_ops", False) else ""),
+        "recipe": {
+            "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "schedule": t.schedule,
+            "augment": list(t.augment), "train_images": len(config.train_stems), "val_images": len(config.val_stems),
+            "label": config.data.label,
+        },
+        "card": SHIPPED_CARD if shipped else None,
+    }
+    from .jobs import read_history
+
+    history = read_history(Path(run_dir) / "history.csv")
+    val = [r["val_dice"] for r in history if r.get("val_dice") is not None and r["val_dice"] >= 0]
+    info["best_val_dice"] = max(val) if val else None
+    return info
+
+
+class ModelSlot:
+    def __init__(self, run_dir: Path, loader: Callable[[Path], object], shipped_dir: Path | None):
+        self._loader = loader
+        self._shipped = Path(shipped_dir).resolve() if shipped_dir else None
+        self._lock = threading.Lock()
+        self.original = Path(run_dir)
+        self.run_dir = Path(run_dir)
+        self.predictor = loader(self.run_dir)
+        self.info = model_info(self.run_dir, self.predictor, self.is_shipped(self.run_dir))
+
+    def is_shipped(self, run_dir: Path) -> bool:
+        return self._shipped is not None and Path(run_dir).resolve() == self._shipped
+
+    @property
+    def label(self) -> str:
+        return f"{self.info['architecture']} ({'shipped' if self.info['shipped'] else self.run_dir.name})"
+
+    def current(self):
+        with self._lock:
+            return self.predictor, self.label
+
+    def switch(self, run_dir: Path) -> dict:
+        predictor = self._loader(Path(run_dir))  # outside the lock: requests keep the old one meanwhile
+        info = model_info(Path(run_dir), predictor, self.is_shipped(run_dir))
+        with self._lock:
+            self.predictor, self.run_dir, self.info = predictor, Path(run_dir), info
+        return info

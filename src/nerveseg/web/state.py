@@ -1,0 +1,72 @@
+"""What one server process holds: settings, the model, the case store, the workspace, the
+fine-tuning runner and the pool that runs segmentation off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .cases import CaseStore
+from .jobs import FinetuneRunner, compare_on_validation
+from .model_slot import ModelSlot
+from .settings import ServeSettings
+from .workspace import Workspace
+
+
+class Busy(Exception):
+    """More heavy requests than workers + queue: answered 503 with Retry-After."""
+
+
+@dataclass
+class WorkLimiter:
+    """Admits at most ``workers + max_queue`` segmentations at once (:meth:`slot`; more get
+    :class:`Busy`); the pool runs ``workers`` of them at a time, off the event loop."""
+
+    workers: int
+    max_queue: int
+    admitted: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nerveseg-infer")
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        with self._lock:
+            if self.admitted >= self.workers + self.max_queue:
+                raise Busy()
+            self.admitted += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.admitted -= 1
+
+    async def run(self, fn: Callable[..., Any], *args) -> Any:
+        """Run ``fn`` in the inference pool (call inside :meth:`slot`)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+
+class ServerState:
+    def __init__(self, settings: ServeSettings, loader: Callable[[Path], object], shipped_dir: Path | None = None):
+        self.settings = settings
+        self.loader = loader
+        self.model = ModelSlot(settings.model_dir, loader, shipped_dir)
+        self.store = CaseStore(settings.max_cases, settings.max_store_bytes)
+        self.workspace = Workspace(settings.workspace)
+        self.runner = FinetuneRunner(self.workspace.finetune,
+                                     compare=lambda base, new: compare_on_validation(base, new, loader))
+        self.limiter = WorkLimiter(settings.workers, settings.max_queue)
+        self.upload_dir = Path(tempfile.mkdtemp(prefix="nerveseg-uploads-"))
+
+    def close(self) -> None:
+        self.runner.shutdown()
+        self.limiter.pool.shutdown(wait=False, cancel_futures=True)
+        shutil.rmtree(self.upload_dir, ignore_errors=True)
