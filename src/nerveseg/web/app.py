@@ -14,10 +14,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from .. import __version__
 from ..errors import ConfigError, InputError, NerveSegError
@@ -88,7 +89,7 @@ def create_app(settings: ServeSettings, loader: Callable[[Path], object] | None 
         return _error(503, "the server is segmenting as many files as it can queue; try again in a few seconds",
                       "busy", {"Retry-After": "2"})
 
-    @app.exception_handler(HTTPException)
+    @app.exception_handler(HTTPException)  # Starlette's: also the router's own 404/405
     async def http_error(request: Request, exc: HTTPException):
         return _error(exc.status_code, str(exc.detail), "http_" + str(exc.status_code), getattr(exc, "headers", None))
 

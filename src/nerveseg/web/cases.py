@@ -137,8 +137,11 @@ def segment_upload(
     t0 = time.perf_counter()
     warnings: list[str] = []
 
-    def rename(exc: InputError) -> InputError:
-        return InputError(name, exc.problem, exc.fix)
+    def rename(exc: InputError) -> InputError:  # the client's name, never the server's temporary path
+        def scrub(text: str) -> str:
+            return text.replace(str(path), name).replace(str(path.parent), "(upload)")
+
+        return InputError(name, scrub(exc.problem), scrub(exc.fix))
 
     try:
         frames_iter, file_spacing, meta = _open(path)
