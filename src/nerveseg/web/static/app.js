@@ -370,7 +370,10 @@ async function showFrame(index) {
   S.labels = data.labels;
   S.undo = []; S.redo = [];  // undo history belongs to one frame
   updateUndoButtons();
-  $("viewer").dataset.frame = index;
+  const viewer = $("viewer");
+  viewer.dataset.frame = index;
+  viewer.dataset.w = S.w;
+  viewer.dataset.h = S.h;
   $("scrub").value = index;
   $("frame-label").textContent = `frame ${index + 1} / ${c.n_frames}`;
   maskChanged();
@@ -392,6 +395,7 @@ function showMeasurements(pending = false) {
     if (cls) tr.className = cls;
     const th = document.createElement("th"); th.textContent = label;
     const td = document.createElement("td"); td.textContent = value;
+    td.id = "m-" + label.toLowerCase().replace(/[^a-z]+/g, "-");
     tr.append(th, td); body.append(tr);
     return td;
   };

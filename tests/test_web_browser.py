@@ -1,0 +1,269 @@
+"""The page of ``nerveseg serve`` in a real browser: Playwright driving Debian's Chromium.
+
+Playwright cannot download its own browsers here, so it launches /usr/bin/chromium (CI installs
+it: `.ci/run`). The server runs the shipped model under uvicorn in a thread on a free loopback
+port. With NERVESEG_SCREENSHOTS=DIR the tests also save the screenshots of docs/WEB.md there.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = Path("/usr/bin/chromium")
+if not CHROMIUM.exists():
+    pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium) to run the browser tests",
+                allow_module_level=True)
+pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[test]'")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[test]'")
+
+import uvicorn  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy import ndimage  # noqa: E402
+
+from nerveseg.examples import examples_dir  # noqa: E402
+from nerveseg.pretrained import pretrained_dir  # noqa: E402
+from nerveseg.web import ServeSettings, create_app  # noqa: E402
+
+EXAMPLES = examples_dir()
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SHOTS = os.environ.get("NERVESEG_SCREENSHOTS")
+TIMEOUT = 20_000  # ms, for waits on a busy 2-core machine
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    workspace = tmp_path_factory.mktemp("browser") / "ws"
+    port = free_port()
+    app = create_app(ServeSettings(model_dir=pretrained_dir(), workspace=workspace, port=port))
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert srv.started, "uvicorn did not start"
+    yield {"url": f"http://127.0.0.1:{port}", "workspace": workspace, "app": app}
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    context = browser.new_context(viewport={"width": 1400, "height": 860})
+    pg = context.new_page()
+    pg.set_default_timeout(TIMEOUT)
+    errors = []
+    pg.on("pageerror", lambda exc: errors.append(str(exc)))
+    pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+    pg.goto(server["url"] + "/")
+    wait_js(pg, "document.getElementById('model-summary').textContent.includes('sa_unet')")
+    yield pg
+    context.close()
+    assert not errors, errors  # no script error, no CSP violation
+
+
+def wait_js(pg, expression: str, timeout_ms: int = TIMEOUT) -> None:
+    """Poll a JavaScript expression until it is true. (Playwright's wait_for_function evaluates
+    strings with eval, which the page's Content-Security-Policy rightly forbids.)"""
+    deadline = time.time() + timeout_ms / 1000
+    while not pg.evaluate(f"() => Boolean({expression})"):
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {expression}")
+        time.sleep(0.05)
+
+
+def shot(pg, name):
+    if SHOTS:
+        Path(SHOTS).mkdir(parents=True, exist_ok=True)
+        pg.screenshot(path=str(Path(SHOTS) / f"{name}.png"))
+
+
+def area(pg) -> int:
+    return int(pg.get_attribute("#csa-value", "data-area-px"))
+
+
+def settled(pg) -> None:
+    """Wait until the server's re-measurement replaced the browser's instant area."""
+    wait_js(pg, "!document.getElementById('csa-value').textContent.endsWith('…')")
+
+
+def to_screen(pg, x: float, y: float) -> tuple[float, float]:
+    """Image pixel (x, y) -> page coordinates, for the fitted view (zoom and pan from the page)."""
+    box = pg.locator("#view").bounding_box()
+    w, h = (int(v) for v in pg.evaluate("[document.getElementById('viewer').dataset.w, document.getElementById('viewer').dataset.h]"))
+    zoom = min(box["width"] / w, box["height"] / h)
+    left = box["x"] + (box["width"] - w * zoom) / 2
+    top = box["y"] + (box["height"] - h * zoom) / 2
+    return left + (x + 0.5) * zoom, top + (y + 0.5) * zoom
+
+
+def upload(pg, *names):
+    pg.set_input_files("#file-input", [str(EXAMPLES / n) for n in names])
+    wait_js(pg, "document.getElementById('upload-status').textContent.startsWith('Done')")
+    pg.wait_for_selector("#csa-value")
+    wait_js(pg, "+document.getElementById('viewer').dataset.outlinePixels > 0")
+
+
+def mask_components(server, case_id: str) -> list[tuple[int, int, int]]:
+    """(area, row, col) of each nerve component of the case's current mask, largest first
+    (read from the server's case store: the test knows where to click)."""
+    case = server["app"].state.nerveseg.store.get(case_id)
+    labels, n = ndimage.label(case.frames[0].labels == 1, structure=np.ones((3, 3)))
+    out = []
+    for k in range(1, n + 1):
+        rows, cols = np.nonzero(labels == k)
+        i = int(np.argmin((rows - rows.mean()) ** 2 + (cols - cols.mean()) ** 2))
+        out.append((rows.size, int(rows[i]), int(cols[i])))
+    return sorted(out, reverse=True)
+
+
+def test_upload_see_correct_keep_and_save(page, server):
+    upload(page, "usgra_0067.png")
+    assert "px" in page.text_content("#csa-value")
+    before = area(page)
+    assert before > 500 and int(page.get_attribute("#viewer", "data-nerve-pixels")) == before
+    case_id = page.get_attribute("#case-list li.selected", "data-id")
+    assert page.locator("#case-list li.selected img").get_attribute("src").startswith("blob:")
+    assert "multi component" in page.text_content("#case-list li.selected .badges")
+    shot(page, "1_viewer")
+
+    # brush a correction in an empty corner: the area grows at once, then the server agrees
+    page.click("[data-tool=brush]")
+    page.locator("#brush-size").fill("20")
+    x0, y0 = to_screen(page, 40, 40)
+    x1, y1 = to_screen(page, 90, 40)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=8)
+    page.mouse.up()
+    settled(page)
+    painted = area(page)
+    assert painted > before + 500
+    shot(page, "2_brush")
+    page.click("#undo")
+    wait_js(page, f"+document.getElementById('csa-value').dataset.areaPx === {before}")
+    settled(page)
+
+    # click the nerve: keep the second-largest region, drop the others
+    components = mask_components(server, case_id)
+    assert len(components) >= 2
+    keep_area, row, col = components[1]
+    page.click("[data-tool=keep]")
+    page.mouse.click(*to_screen(page, col, row))
+    wait_js(page, "document.getElementById('m-components').textContent === '1'")
+    assert area(page) == keep_area
+    shot(page, "3_keep")
+
+    # zoom and pan do not change the mask
+    page.click("[data-tool=pan]")
+    page.mouse.move(*to_screen(page, 267, 256))
+    page.mouse.wheel(0, -400)
+    page.mouse.down()
+    page.mouse.move(700, 400, steps=4)
+    page.mouse.up()
+    page.click("#zoom-fit")
+    assert area(page) == keep_area
+
+    # save to the workspace: the pair is there, the mask is the corrected one
+    page.click("#save")
+    wait_js(page, "document.getElementById('save-status').textContent.startsWith('Saved')")
+    stem = f"web_{case_id}_f00000"
+    image = server["workspace"] / "images" / f"{stem}.png"
+    mask = server["workspace"] / "masks" / f"{stem}.png"
+    assert image.is_file() and mask.is_file()
+    assert (np.asarray(Image.open(mask)) == 1).sum() == keep_area
+    assert "saved" in page.text_content("#case-list li.selected .badges")
+
+
+def test_scale_tool_gives_mm2(page):
+    upload(page, "usgra_0045.png")
+    px = area(page)
+    assert "not calibrated" in page.text_content("#m-pixel-size")
+    page.click("[data-tool=scale]")
+    x0, y0 = to_screen(page, 20, 100)
+    x1, y1 = to_screen(page, 20, 400)  # 300 px
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=5)
+    page.mouse.up()
+    page.wait_for_selector("#scale-form:not([hidden])")
+    assert abs(float(page.text_content("#scale-px")) - 300) < 3
+    page.fill("#scale-mm", "30")
+    page.click("#scale-apply")
+    wait_js(page, "document.getElementById('csa-value').textContent.includes('mm²')")
+    mm2 = float(page.text_content("#csa-value").split()[0])
+    pixel = 30 / float(page.text_content("#scale-px"))
+    assert mm2 == pytest.approx(px * pixel**2, rel=0.02)
+    assert "scale line" in page.text_content("#m-calibration")
+
+
+def test_cine_play_scrub_and_correct_a_frame(page, server):
+    upload(page, "usgra_0045_cine.mp4")
+    assert page.is_visible("#cine") and page.text_content("#frame-label") == "frame 1 / 10"
+    page.click("#play")
+    wait_js(page, "+document.getElementById('viewer').dataset.frame >= 3")
+    shot(page, "4_cine")
+    page.click("#play")  # pause
+    stopped = int(page.get_attribute("#viewer", "data-frame"))
+    page.wait_for_timeout(400)
+    assert int(page.get_attribute("#viewer", "data-frame")) in (stopped, (stopped + 1) % 10)
+    # scrub to frame 7 and correct it
+    page.locator("#scrub").fill("6")
+    wait_js(page, "document.getElementById('viewer').dataset.frame === '6'")
+    assert page.text_content("#frame-label") == "frame 7 / 10"
+    before = area(page)
+    page.click("[data-tool=eraser]")
+    page.locator("#brush-size").fill("60")
+    case = server["app"].state.nerveseg.store.get(page.get_attribute("#case-list li.selected", "data-id"))
+    rows, cols = np.nonzero(case.frames[6].labels == 1)
+    page.mouse.click(*to_screen(page, cols.mean(), rows.mean()))
+    settled(page)
+    assert area(page) < before
+    # the CSA plot is drawn (not blank)
+    blank = page.evaluate("(() => { const c = document.getElementById('csa-plot'); const d = c.getContext('2d')"
+                          ".getImageData(0, 0, c.width, c.height).data; let n = 0; for (let i = 3; i < d.length; i += 4) "
+                          "if (d[i]) n++; return n; })()")
+    assert blank > 200
+
+
+def test_cts_tags_and_report(page):
+    upload(page, "usgra_0053_calibrated.dcm")
+    assert "mm²" in page.text_content("#csa-value")
+    page.fill("#tag-subject", "volunteer-1")
+    page.select_option("#tag-region", "wrist")
+    page.select_option("#tag-side", "right")
+    wait_js(page, "document.querySelector('#case-list li.selected .badges').textContent.includes('wrist right')")
+    upload(page, "usgra_0053_calibrated.dcm")
+    page.fill("#tag-subject", "volunteer-1")
+    page.select_option("#tag-region", "forearm")
+    page.select_option("#tag-side", "right")
+    wait_js(page, "document.querySelector('#case-list li.selected .badges').textContent.includes('forearm right')")
+    page.click("#report")
+    page.wait_for_selector("#report-out table")
+    text = page.text_content("#report-out")
+    assert "volunteer-1" in text and "1.00" in text and "Hobson-Webb" in text and "Decision support only" in text
+    page.locator("#ft-info").scroll_into_view_if_needed()
+    shot(page, "5_cts")
