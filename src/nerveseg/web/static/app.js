@@ -175,6 +175,7 @@ function fit() {
   S.zoom = Math.min(view.width / S.w, view.height / S.h);
   S.panX = (view.width - S.w * S.zoom) / 2;
   S.panY = (view.height - S.h * S.zoom) / 2;
+  S.userView = false;
   draw();
 }
 
@@ -541,7 +542,7 @@ view.addEventListener("pointerdown", (e) => {
   view.setPointerCapture(e.pointerId);
   const p = toImage(e);
   const panning = S.tool === "pan" || e.button === 1 || e.shiftKey;
-  if (panning) { drag = { kind: "pan", sx: e.clientX, sy: e.clientY, px: S.panX, py: S.panY }; return; }
+  if (panning) { drag = { kind: "pan", sx: e.clientX, sy: e.clientY, px: S.panX, py: S.panY }; S.userView = true; return; }
   if (S.tool === "brush" || S.tool === "eraser") {
     stopPlaying();
     pushUndo();
@@ -606,6 +607,7 @@ view.addEventListener("wheel", (e) => {
   S.panX = mx - (mx - S.panX) * (zoom / S.zoom);
   S.panY = my - (my - S.panY) * (zoom / S.zoom);
   S.zoom = zoom;
+  S.userView = true;
   draw();
 }, { passive: false });
 
@@ -932,7 +934,12 @@ function wire() {
     $("token-form").hidden = true;
     start();
   });
-  window.addEventListener("resize", () => { fit(); drawPlot(); });
+  // keep the canvas buffer the size of its box (panels and the cine bar change it), so the
+  // image is never stretched; re-fit unless the user has zoomed or panned
+  new ResizeObserver(() => {
+    if (S.userView) { resizeCanvas(); draw(); } else fit();
+    drawPlot();
+  }).observe($("viewer"));
   window.addEventListener("keydown", (e) => {
     if (e.target.tagName === "INPUT" || e.target.tagName === "SELECT") return;
     if ((e.ctrlKey || e.metaKey) && e.key === "z") { e.preventDefault(); undo(); }
