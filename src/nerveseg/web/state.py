@@ -54,6 +54,12 @@ class WorkLimiter:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
 
+def _torch_loader(settings: ServeSettings) -> Callable[[Path], object]:
+    from ..inference.onnx_backend import load_predictor
+
+    return lambda run_dir: load_predictor(run_dir, backend="torch", device=settings.device)
+
+
 class ServerState:
     def __init__(self, settings: ServeSettings, loader: Callable[[Path], object], shipped_dir: Path | None = None):
         self.settings = settings
@@ -61,8 +67,10 @@ class ServerState:
         self.model = ModelSlot(settings.model_dir, loader, shipped_dir)
         self.store = CaseStore(settings.max_cases, settings.max_store_bytes)
         self.workspace = Workspace(settings.workspace)
+        # old vs new model on the run's validation pairs: the torch backend (the same function as
+        # onnxruntime, tests/test_onnx.py) needs no ONNX export of the new weights first
         self.runner = FinetuneRunner(self.workspace.finetune,
-                                     compare=lambda base, new: compare_on_validation(base, new, loader))
+                                     compare=lambda base, new: compare_on_validation(base, new, _torch_loader(settings)))
         self.limiter = WorkLimiter(settings.workers, settings.max_queue)
         self.upload_dir = Path(tempfile.mkdtemp(prefix="nerveseg-uploads-"))
 
