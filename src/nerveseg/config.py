@@ -14,8 +14,14 @@ from typing import Any
 
 from .errors import ConfigError
 
-AUGMENTATIONS = ("shear", "hflip", "vflip", "gamma", "contrast", "speckle", "scale")
-SCHEDULES = ("constant", "cosine")
+AUGMENTATIONS = (
+    "shear", "hflip", "vflip", "gamma", "contrast", "speckle", "scale",
+    # nnU-Net's kind (Isensee et al. 2021), batched in torch: data/augment.py
+    "rotate", "elastic", "brightness", "noise", "blur", "lowres",
+)
+SCHEDULES = ("constant", "cosine", "poly")
+LOSSES = ("dice", "dice_ce")
+CHECKPOINTS = ("best", "last")
 
 
 @dataclass
@@ -54,8 +60,26 @@ class DataConfig:
     folds: int | None = None
     fold: int | None = None
     max_train_images: int | None = None
+    # multi-class: one network output per entry (pixel values or LabelMe names), in this order;
+    # None = the single class ``label``. The first class is the primary one (the nerve).
+    labels: tuple[int | str, ...] | None = None
+    label_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.labels is not None:
+            self.labels = tuple(self.labels)
+            if not self.labels or len(set(self.labels)) != len(self.labels):
+                raise ConfigError(f"labels must be distinct and non-empty, got {list(self.labels)}")
+            if self.label is not None and self.label != self.labels[0]:
+                raise ConfigError(f"label {self.label!r} and labels {list(self.labels)} disagree: the first of --labels is the nerve")
+            self.label = self.labels[0]
+        if self.label_names is not None:
+            self.label_names = tuple(self.label_names)
+            if len(self.label_names) != len(self.class_labels) or len(set(self.label_names)) != len(self.label_names):
+                raise ConfigError(f"need one distinct name per label: labels {list(self.class_labels)}, names {list(self.label_names)}")
+            bad = [n for n in self.label_names if not n.replace("_", "").isalnum()]
+            if bad:
+                raise ConfigError(f"label names must be letters, digits or _ (they become file names and columns): {bad}")
         if self.folds is not None:
             if self.fold is None:
                 raise ConfigError("--folds needs --fold (0-based index of the validation fold)")
@@ -68,6 +92,20 @@ class DataConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction} (0: train on everything)")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ConfigError("max_train_images must be >= 1")
+
+    @property
+    def class_labels(self) -> tuple[int | str | None, ...]:
+        """The label of each network output channel."""
+        return self.labels if self.labels is not None else (self.label,)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Names of the output channels: the nerve first (its outputs keep their historic names)."""
+        if self.label_names is not None:
+            return self.label_names
+        if self.labels is None:
+            return ("nerve",)
+        return ("nerve",) + tuple(f"class{label}" for label in self.labels[1:])
 
 
 @dataclass
@@ -87,9 +125,18 @@ class TrainConfig:
     channels_last: bool = True
     num_threads: int | None = None
     device: str = "auto"
+    # levers beyond the paper (issue 10); each off by default, so the paper's recipe is unchanged
+    loss: str = "dice"  # "dice_ce": soft Dice + binary cross-entropy per class (nnU-Net's default pairing)
+    deep_supervision: bool = False  # auxiliary heads on the decoder levels, training only
+    checkpoint: str = "best"  # "last": keep the final epoch (no selection on the validation fold)
+    init_from: str | None = None  # weights to start from: a run folder (recorded as given)
 
     def __post_init__(self) -> None:
         self.augment = tuple(self.augment)
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; choose from {', '.join(LOSSES)}")
+        if self.checkpoint not in CHECKPOINTS:
+            raise ConfigError(f"unknown checkpoint policy {self.checkpoint!r}; choose from {', '.join(CHECKPOINTS)}")
         unknown = [a for a in self.augment if a not in AUGMENTATIONS]
         if unknown:
             raise ConfigError(f"unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)}")
@@ -97,6 +144,17 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
+
+
+@dataclass
+class InferenceConfig:
+    """How probabilities are made and cleaned at inference; chosen on cross-validation, saved with the model."""
+
+    tta: bool = False  # average with the prediction of the horizontally mirrored image
+    keep_largest: tuple[str, ...] = ()  # class names whose mask keeps only its largest component
+
+    def __post_init__(self) -> None:
+        self.keep_largest = tuple(self.keep_largest)
 
 
 @dataclass
@@ -109,10 +167,18 @@ class RunConfig:
     train_stems: list[str] = field(default_factory=list)
     val_stems: list[str] = field(default_factory=list)
     nerveseg_version: str = ""
+    # an ensemble folder: the member run folders, relative to it; predictions average their probabilities
+    members: list[str] = field(default_factory=list)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    recipe: str = ""  # the named recipe the run started from ("" = assembled from flags)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["train"]["augment"] = list(self.train.augment)
+        d["inference"]["keep_largest"] = list(self.inference.keep_largest)
+        for key in ("labels", "label_names"):
+            if d["data"][key] is not None:
+                d["data"][key] = list(d["data"][key])
         return d
 
     @classmethod
@@ -125,6 +191,9 @@ class RunConfig:
             train_stems=list(d.get("train_stems", [])),
             val_stems=list(d.get("val_stems", [])),
             nerveseg_version=d.get("nerveseg_version", ""),
+            members=list(d.get("members", [])),
+            inference=InferenceConfig(**d.get("inference", {})),
+            recipe=d.get("recipe", ""),
         )
 
     @classmethod

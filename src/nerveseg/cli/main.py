@@ -45,41 +45,78 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
-    from ..training import train
+def _labels(text: str) -> tuple[int | str, ...]:
+    return tuple(_label(t.strip()) for t in text.split(",") if t.strip())
 
-    config = RunConfig(
-        model=ModelConfig(arch=args.arch),
-        preprocess=PreprocessConfig(size=args.size),
-        data=DataConfig(
-            data_dir=str(Path(args.data).resolve()),
-            label=args.label,
-            seed=args.seed,
-            val_fraction=args.val_fraction,
-            folds=args.folds,
-            fold=args.fold,
-            max_train_images=args.max_train_images,
-        ),
-        train=TrainConfig(
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            augment=tuple(a for a in args.augment.split(",") if a),
-            amp=not args.no_amp,
-            channels_last=not args.no_channels_last,
-            num_threads=args.threads,
-            device=args.device,
-        ),
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _train_config(args: argparse.Namespace):
+    """The run configuration: the recipe's values, then every flag given explicitly."""
+    from ..training.recipes import build_run_config
+    from ..training.trainer import resolve_init_from
+
+    model, preprocess = {"arch": args.arch}, {"size": args.size}
+    if args.init_from:
+        # fine-tuning: the network (and its input size) are the source model's
+        from ..config import RunConfig
+
+        source = RunConfig.load(resolve_init_from(args.init_from, args.fold) / "config.json")
+        if args.arch and args.arch != source.model.arch:
+            raise ConfigError(f"--init-from {args.init_from} is a {source.model.arch}; drop --arch {args.arch}")
+        kwargs = {k: v for k, v in source.model.kwargs.items() if k not in ("out_channels", "deep_supervision")}
+        model = {"arch": source.model.arch, "kwargs": kwargs}
+        preprocess = {"size": args.size or source.preprocess.size}
+        if args.labels is None and args.label is None and source.data.labels is not None:
+            args.labels, args.label_names = source.data.labels, args.label_names or source.data.label_names
+    augment = None if args.augment is None else tuple(a for a in args.augment.split(",") if a)
+    return build_run_config(
+        args.recipe,
+        model=model,
+        preprocess=preprocess,
+        data=dict(data_dir=str(Path(args.data).resolve()), label=args.label, labels=args.labels,
+                  label_names=args.label_names, seed=args.seed, val_fraction=args.val_fraction, folds=args.folds,
+                  fold=0 if args.all_folds and args.fold is None else args.fold, max_train_images=args.max_train_images),
+        train=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                   warmup_epochs=args.warmup_epochs, augment=augment, amp=False if args.no_amp else None,
+                   channels_last=False if args.no_channels_last else None, num_threads=args.threads,
+                   device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
+                   checkpoint=args.checkpoint, init_from=args.init_from),
+        inference=dict(tta=args.tta),
     )
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..training import train
+    from ..training.trainer import train_all_folds
+
+    if args.labels is None and args.label_names:
+        raise ConfigError("--label-names needs --labels")
+    config = _train_config(args)
+    if args.all_folds:
+        results = train_all_folds(config, args.out, resume=args.resume, progress=not args.quiet)
+        for k, r in enumerate(results):
+            print(f"fold {k}: validation Dice {r.best_val_dice:.4f} (best epoch {r.best_epoch}), {r.epochs_run} epochs in {r.seconds:.0f} s")
+        print(f"wrote {len(results)} runs and the ensemble {args.out} (use it as --model {args.out}; "
+              f"`nerveseg evaluate --model {args.out} --subset cv` gives the cross-validated figures)")
+        return 0
     result = train(config, args.out, resume=args.resume, progress=not args.quiet)
     if result.best_val_dice >= 0:
-        print(f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch}, "
-              f"{result.epochs_run} epochs in {result.seconds:.0f} s")
+        kept = "kept the last epoch" if config.train.checkpoint == "last" else "kept that epoch"
+        print(f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "
+              f"({kept}), {result.epochs_run} epochs in {result.seconds:.0f} s")
     else:
         print(f"trained {result.run_dir} without validation (last epoch kept), {result.epochs_run} epochs in {result.seconds:.0f} s")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from ..training.recipes import describe, list_recipes
+
+    print("\n\n".join(describe(name) for name in list_recipes()))
+    print("\nflags given to `nerveseg train` win over the recipe's values")
     return 0
 
 
@@ -102,13 +139,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = evaluate_run(
         args.model, args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
         mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet, backend=args.backend,
+        tta=args.tta, keep_largest=args.keep_largest,
     )
     for key in ("precision", "recall", "dice", "hd", "hd95", "auc"):
         m = summary[key]
         if m["mean"] is not None:
             print(f"{key:<10} {m['mean']:.4f} +/- {m['sd']:.4f}")
     print(f"zero-overlap rate {summary['zero_overlap_rate']:.4f} over {summary['n_images']} images; pooled AUC {summary['pooled_auc']:.4f}")
-    print(f"wrote {args.out}/metrics.json, per_image.csv, roc.png, overlays/")
+    for name, m in summary.get("classes", {}).items():
+        if name != next(iter(summary["classes"])):
+            print(f"{name}: dice {m['dice']['mean']:.4f} +/- {m['dice']['sd']:.4f}, zero-overlap rate "
+                  f"{m['zero_overlap_rate']:.4f}, pooled AUC {m['pooled_auc']:.4f}")
+    print(f"wrote {args.out}/metrics.json, per_image.csv, roc.png" + ("" if args.no_overlays else ", overlays/"))
     return 0
 
 
@@ -227,28 +269,45 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="train a network (the paper's recipe by default)")
+    p = sub.add_parser("recipes", help="print the named training recipes in full")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("train", help="train a network (the paper's recipe by default; see `nerveseg recipes`)")
     p.add_argument("--data", required=True, help="folder with images/ and masks/ (optional manifest.csv)")
+    p.add_argument("--recipe", default="paper", help="named recipe to start from: paper (default), nerveseg")
     p.add_argument("--label", type=_label, default=None,
                    help="foreground: pixel value, or LabelMe shape name (default: any non-zero; usgra-seg nerve = 1)")
-    p.add_argument("--arch", default="sa_unet", help="architecture (see `nerveseg models`)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--size", type=int, default=256, help="network input side; images are letterboxed to it")
+    p.add_argument("--labels", type=_labels, default=None,
+                   help="several classes, nerve first: e.g. 1,2 (usgra-seg nerve, vessel); one output per class")
+    p.add_argument("--label-names", type=_names, default=None, help="names of --labels, e.g. nerve,vessel")
+    p.add_argument("--arch", default=None, help="architecture (see `nerveseg models`; default sa_unet)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--size", type=int, default=None, help="network input side; images are letterboxed to it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-fraction", type=float, default=0.2, help="0: no validation, train on all and keep the last epoch")
     p.add_argument("--folds", type=int, default=None, help="K for K-fold cross-validation")
     p.add_argument("--fold", type=int, default=None, help="0-based validation fold")
+    p.add_argument("--all-folds", action="store_true",
+                   help="with --folds K: train every fold into OUT/fold_k and make OUT their ensemble")
     p.add_argument("--max-train-images", type=int, default=None, help="train on a seeded subset of this many images")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--warmup-epochs", type=int, default=0)
-    p.add_argument("--augment", default="shear", help="comma list: shear,scale,hflip,vflip,gamma,contrast,speckle")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=("constant", "cosine", "poly"), default=None)
+    p.add_argument("--warmup-epochs", type=int, default=None)
+    p.add_argument("--augment", default=None,
+                   help="comma list: shear,scale,hflip,vflip,gamma,contrast,speckle,rotate,elastic,brightness,noise,blur,lowres")
+    p.add_argument("--loss", choices=("dice", "dice_ce"), default=None, help="dice (the paper's) or dice_ce (Dice + cross-entropy)")
+    p.add_argument("--deep-supervision", action="store_true", default=None, help="auxiliary decoder heads in training")
+    p.add_argument("--checkpoint", choices=("best", "last"), default=None,
+                   help="best validation epoch (the paper's) or the last epoch")
+    p.add_argument("--tta", action="store_true", default=None, help="the model predicts with flip test-time augmentation")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune: start from a run folder's weights, or 'default' for the shipped model")
     p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
-    p.add_argument("--out", required=True, help="run folder to write")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--out", required=True, help="run folder to write (with --all-folds: the ensemble folder)")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -260,8 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pred-label", type=int, default=1, help="with --predictions: the predicted masks' nerve value")
     p.add_argument("--data", required=True)
     p.add_argument("--label", type=_label, default=None, help="default: the label the run was trained on")
-    p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen"),
-                   help="val: the run's validation images; unseen: all it did not train on")
+    p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen", "cv"),
+                   help="val: the run's validation images; unseen: all it did not train on; "
+                        "cv: an --all-folds ensemble's held-out folds, each scored by its own member")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="flip test-time augmentation (default: the model's setting)")
+    p.add_argument("--keep-largest", type=_names, default=None,
+                   help="classes whose mask keeps only its largest region, e.g. nerve or nerve,vessel; "
+                        "'' for none (default: the model's setting)")
     p.add_argument("--threshold", type=float, default=0.5)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size, for HD in mm")
     p.add_argument("--no-overlays", action="store_true")

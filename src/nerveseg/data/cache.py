@@ -20,7 +20,8 @@ from .samples import Sample
 
 @dataclass
 class TensorSet:
-    """Letterboxed images in [0, 1] (N, 1, S, S), masks (N, 1, S, S), per-image mean/SD (N, 2)."""
+    """Letterboxed images in [0, 1] (N, 1, S, S), masks (N, C, S, S) (one channel per class),
+    per-image mean/SD (N, 2)."""
 
     stems: list[str]
     images: torch.Tensor
@@ -37,33 +38,38 @@ class TensorSet:
 def load_tensor_set(
     samples: Sequence[Sample],
     size: int,
-    label: int | None,
+    label: int | str | None | Sequence[int | str],
     allow_empty: bool = False,
 ) -> tuple[TensorSet, list[InputError]]:
-    """Read, check and letterbox every sample; a bad pair is reported and left out."""
+    """Read, check and letterbox every sample; a bad pair is reported and left out.
+
+    ``label`` is one label, or a list of them for a multi-class set (one mask channel each).
+    Only the first (primary) class must be present in a training pair: a frame without a vessel
+    in view is a valid example of "no vessel".
+    """
+    labels = list(label) if isinstance(label, (list, tuple)) else [label]
     stems, images, masks, stats, problems = [], [], [], [], []
     for sample in samples:
         try:
             image = read_image(sample.image_path)
-            mask = read_mask(sample.mask_path, label=label, image_shape=image.shape)
+            channels = [read_mask(sample.mask_path, label=lab, image_shape=image.shape) for lab in labels]
             if not allow_empty:
-                check_mask_not_empty(mask, sample.mask_path, label)
+                check_mask_not_empty(channels[0], sample.mask_path, labels[0])
         except InputError as exc:
             problems.append(exc)
             continue
         boxed, _ = letterbox(image, size)
         stems.append(sample.stem)
         images.append(boxed)
-        masks.append(letterbox_mask(mask, size))
+        masks.append(np.stack([letterbox_mask(m, size) for m in channels]))
         stats.append(image_stats(image))
     if not stems:
-        empty = torch.zeros(0, 1, size, size)
-        return TensorSet([], empty, empty.clone(), torch.zeros(0, 2)), problems
+        return TensorSet([], torch.zeros(0, 1, size, size), torch.zeros(0, len(labels), size, size), torch.zeros(0, 2)), problems
     return (
         TensorSet(
             stems,
             torch.from_numpy(np.stack(images))[:, None],
-            torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
+            torch.from_numpy(np.stack(masks).astype(np.float32)),
             torch.tensor(stats, dtype=torch.float32),
         ),
         problems,

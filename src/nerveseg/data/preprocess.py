@@ -73,8 +73,22 @@ def to_network_input(image: np.ndarray, size: int) -> tuple[torch.Tensor, Letter
 
 
 def from_network_output(prob: torch.Tensor, box: Letterbox) -> np.ndarray:
-    """(size, size) or (1, 1, size, size) probabilities -> (H, W) on the original grid."""
-    prob = prob.reshape(1, 1, box.size, box.size).float()
+    """(size, size) or (1, 1, size, size) probabilities -> (H, W) on the original grid;
+    (C, size, size) with C > 1 -> (C, H, W)."""
+    channels = prob.numel() // (box.size * box.size)
+    prob = prob.reshape(1, channels, box.size, box.size).float()
     h, w = box.resized_shape
     cropped = prob[..., :h, :w]
-    return _resize(cropped, box.original_shape)[0, 0].clamp_(0, 1).cpu().numpy()
+    out = _resize(cropped, box.original_shape)[0].clamp_(0, 1).cpu().numpy()
+    return out[0] if channels == 1 else out
+
+
+def mirror_content(x: torch.Tensor, boxes) -> torch.Tensor:
+    """Mirror left-right the image part of each letterboxed (B, C, S, S) tensor, leaving the
+    padding where it is (bottom/right), so the mirrored input looks like a training input and
+    applying this twice is the identity (flip test-time augmentation)."""
+    out = x.clone()
+    for i, box in enumerate(boxes):
+        h, w = box.resized_shape
+        out[i, :, :h, :w] = x[i, :, :h, :w].flip(-1)
+    return out

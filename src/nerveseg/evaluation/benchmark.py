@@ -99,7 +99,8 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
     train_seconds = time.perf_counter() - t0
     predictor = Predictor.from_run(run_dir)
     val = select_subset(list(samples_by_stem.values()), predictor, "val")
-    rows, roc, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
+    rows_by_class, rocs, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
+    rows, roc = rows_by_class[predictor.class_names[0]], rocs[predictor.class_names[0]]
     save_roc_histograms(roc, run_dir / "eval" / "roc.npz")
     atomic_write_json(run_dir / "eval" / "timing.json", {"train_seconds": train_seconds, "device": _device_name(cfg)})
     write_per_image(run_dir / "eval" / "per_image.csv", rows)  # written last: marks the run finished

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -23,7 +24,7 @@ PER_IMAGE_FIELDS = (
     "zero_overlap", "area_pred_px", "area_truth_px",
 )
 SUMMARY_KEYS = ("precision", "recall", "dice", "iou", "hd", "hd95", "hd_mm", "hd95_mm", "auc")
-SUBSETS = ("all", "val", "train", "unseen")
+SUBSETS = ("all", "val", "train", "unseen", "cv")
 
 
 def _fmt(value) -> str:
@@ -39,14 +40,25 @@ def _fmt(value) -> str:
 
 
 def select_subset(samples, predictor: Predictor, subset: str):
-    """``val``: the run's validation images; ``unseen``: everything it did not train on."""
+    """``val``: the run's validation images; ``unseen``: everything it did not train on;
+    ``cv``: an ensemble's members' validation images (each scored by its own member)."""
     if subset not in SUBSETS:
         raise ConfigError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if subset == "all":
         return samples
+    if subset == "cv":
+        held_out = {s for m in _members(predictor) for s in m.config.val_stems}
+        return [s for s in samples if s.stem in held_out]
     train, val = set(predictor.config.train_stems), set(predictor.config.val_stems)
     keep = {"val": lambda s: s in val, "train": lambda s: s in train, "unseen": lambda s: s not in train}[subset]
     return [s for s in samples if keep(s.stem)]
+
+
+def _members(predictor) -> list:
+    members = getattr(predictor, "members", None)
+    if not members:
+        raise ConfigError("--subset cv needs an ensemble folder (written by `nerveseg train --folds K --all-folds`)")
+    return members
 
 
 def save_roc_plot(curves: dict[str, RocAccumulator], path: Path) -> None:
@@ -82,25 +94,34 @@ def evaluate_samples(
     mm_per_pixel: float | None = None,
     overlays: bool = True,
     progress: bool = True,
-) -> tuple[list[dict], RocAccumulator, list[InputError]]:
-    """Predict and score each sample at its original resolution; unreadable pairs are returned."""
+    class_labels: Sequence | None = None,
+) -> tuple[dict[str, list[dict]], dict[str, RocAccumulator], list[InputError]]:
+    """Predict and score each sample at its original resolution, per class; unreadable pairs are
+    returned. ``class_labels``: the mask label of each of the predictor's classes (default: the
+    run's); ``label`` overrides the first (nerve) one. Returns rows and ROC accumulators by class name."""
     out = Path(out_dir)
     spacing = None if mm_per_pixel is None else (mm_per_pixel, mm_per_pixel)
-    roc = RocAccumulator()
-    rows, problems = [], []
+    names = list(getattr(predictor, "class_names", ["nerve"]))
+    labels = list(class_labels if class_labels is not None else predictor.config.data.class_labels)
+    if label is not None:
+        labels[0] = label
+    rocs = {name: RocAccumulator() for name in names}
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    problems = []
     for sample in tqdm(samples, disable=not progress, desc="evaluate", unit="img"):
         try:
             image = read_image(sample.image_path)
-            truth = read_mask(sample.mask_path, label=label, image_shape=image.shape)
+            truths = [read_mask(sample.mask_path, label=lab, image_shape=image.shape) for lab in labels]
         except InputError as exc:
             problems.append(exc)
             continue
-        prob = predictor.predict(image)
-        roc.update(prob, truth)
-        rows.append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold, spacing=spacing)})
+        probs = predictor.predict_classes(image) if hasattr(predictor, "predict_classes") else predictor.predict(image)[None]
+        for name, prob, truth in zip(names, probs, truths):
+            rocs[name].update(prob, truth)
+            rows[name].append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold, spacing=spacing)})
         if overlays:
-            save_png(make_overlay(image, prob >= threshold, truth), out / "overlays" / f"{sample.stem}.png")
-    return rows, roc, problems
+            save_png(make_overlay(image, probs[0] >= threshold, truths[0]), out / "overlays" / f"{sample.stem}.png")
+    return rows, rocs, problems
 
 
 def write_per_image(path: Path, rows: list[dict], fields=PER_IMAGE_FIELDS) -> None:
@@ -134,6 +155,8 @@ def evaluate_run(
     progress: bool = True,
     log=None,
     backend: str = "auto",
+    tta: bool | None = None,
+    keep_largest: Sequence[str] | None = None,
 ) -> dict:
     """Write ``metrics.json``, ``per_image.csv``, ``roc.png``, ``roc.npz`` and ``overlays/``.
 
@@ -142,6 +165,14 @@ def evaluate_run(
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     predictor = load_predictor(run_dir, backend=backend)
+    if tta is not None:
+        predictor.tta = tta
+    if keep_largest is not None:  # trying post-processing on cross-validation: members too
+        for model in [predictor, *getattr(predictor, "members", [])]:
+            unknown = set(keep_largest) - set(model.class_names)
+            if unknown:
+                raise ConfigError(f"--keep-largest names unknown classes {sorted(unknown)}; the model has {model.class_names}")
+            model.config.inference.keep_largest = tuple(keep_largest)
     if label is None:
         label = predictor.config.data.label
     samples, problems = discover_samples(data_dir)
@@ -150,20 +181,33 @@ def evaluate_run(
         raise InputError(data_dir, f"no image/mask pairs to evaluate (subset {subset!r})", "check --data and --subset")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows, roc, read_problems = evaluate_samples(
-        predictor, samples, out, label=label, threshold=threshold, mm_per_pixel=mm_per_pixel,
-        overlays=overlays, progress=progress,
-    )
-    problems += read_problems
+    # cross-validation: every held-out image is scored by the member that did not train on it
+    groups = ([(m, [s for s in samples if s.stem in set(m.config.val_stems)]) for m in _members(predictor)]
+              if subset == "cv" else [(predictor, samples)])
+    names = list(getattr(predictor, "class_names", ["nerve"]))
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    rocs = {name: RocAccumulator() for name in names}
+    for model, group in groups:
+        model.tta = predictor.tta  # a member scored alone mirrors for itself
+        group_rows, group_rocs, read_problems = evaluate_samples(
+            model, group, out, label=label, threshold=threshold, mm_per_pixel=mm_per_pixel,
+            overlays=overlays, progress=progress,
+        )
+        problems += read_problems
+        for name in names:
+            rows[name] += group_rows[name]
+            rocs[name].pos_hist += group_rocs[name].pos_hist
+            rocs[name].neg_hist += group_rocs[name].neg_hist
     for problem in problems:
         log(f"warning: skipped {problem}")
-    if not rows:
+    nerve = names[0]
+    if not rows[nerve]:
         raise InputError(data_dir, "none of the pairs could be read", "see the warnings above")
-    write_per_image(out / "per_image.csv", rows)
-    save_roc_histograms(roc, out / "roc.npz")
+    write_per_image(out / "per_image.csv", rows[nerve])
+    save_roc_histograms(rocs[nerve], out / "roc.npz")
 
-    summary = summarize(rows, keys=SUMMARY_KEYS)
-    summary["pooled_auc"] = roc.auc()
+    summary = summarize(rows[nerve], keys=SUMMARY_KEYS)
+    summary["pooled_auc"] = rocs[nerve].auc()
     summary.update(
         {
             "threshold": threshold,
@@ -171,12 +215,23 @@ def evaluate_run(
             "run": str(run_dir),
             "data": str(data_dir),
             "label": label,
+            "tta": bool(getattr(predictor, "tta", False)),
+            "keep_largest": list(predictor.config.inference.keep_largest),
             "skipped": [str(p) for p in problems],
             "auc_note": "auc = mean of per-image pixel ROC AUCs; pooled_auc = AUC of the ROC pooled over all pixels (roc.png)",
         }
     )
+    if len(names) > 1:  # the nerve's figures stay at the top level; every class (nerve too) under "classes"
+        summary["classes"] = {}
+        for name, class_label in zip(names, predictor.config.data.class_labels):
+            per_class = summarize(rows[name], keys=SUMMARY_KEYS)
+            per_class.update({"pooled_auc": rocs[name].auc(), "label": label if name == nerve else class_label})
+            summary["classes"][name] = per_class
+            if name != nerve:
+                write_per_image(out / f"per_image_{name}.csv", rows[name])
     atomic_write_json(out / "metrics.json", _jsonable(summary))
-    save_roc_plot({predictor.config.model.arch: roc}, out / "roc.png")
+    save_roc_plot({f"{predictor.config.model.arch} {name}": rocs[name] for name in names} if len(names) > 1
+                  else {predictor.config.model.arch: rocs[nerve]}, out / "roc.png")
     return summary
 
 

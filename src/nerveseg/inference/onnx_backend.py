@@ -23,7 +23,7 @@ import logging
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,8 +32,8 @@ from torch import nn
 
 from .. import __version__
 from ..config import RunConfig
-from ..data.preprocess import from_network_output, to_network_input
 from ..errors import ConfigError, InputError
+from .predictor import EnsemblePredictor, ProbabilityPredictor, read_run_config
 from ..io_utils import atomic_write_with
 
 __all__ = [
@@ -464,7 +464,7 @@ def _config_matches(meta: dict[str, str], config: RunConfig) -> bool:
     return kwargs == json.loads(json.dumps(config.model.kwargs))
 
 
-class OnnxPredictor:
+class OnnxPredictor(ProbabilityPredictor):
     """``Predictor``'s interface on an onnxruntime session.
 
     ``predict(image)`` takes a (H, W) float image in [0, 1] and returns (H, W) probabilities,
@@ -490,10 +490,10 @@ class OnnxPredictor:
         intra_op_num_threads: int | None = None,
         optimization_level: str | None = None,
         native_ops: bool = False,
+        tta: bool | None = None,
     ):
         ort = _import_onnxruntime()
-        self.config = config
-        self.size = config.preprocess.size
+        self._init_pipeline(config, tta)
         self.path = None if isinstance(model, bytes) else Path(model)
         self.optimization_level = optimization_level or ORT_LEVEL_BY_ARCH.get(config.model.arch, DEFAULT_ORT_LEVEL)
         if not hasattr(ort.GraphOptimizationLevel, self.optimization_level):
@@ -556,6 +556,10 @@ class OnnxPredictor:
         if not config_path.is_file():
             raise InputError(run_dir, "not a nerveseg run folder (no config.json)", "pass the --out folder of `nerveseg train`")
         config = RunConfig.load(config_path)
+        if config.members:
+            return EnsemblePredictor.from_run(
+                run_dir, lambda member: cls.from_run(member, device, intra_op_num_threads, opset, native)
+            )
         onnx_path, weights = run_dir / ONNX_FILENAME, run_dir / WEIGHTS_FILENAME
         if weights.is_file() and native is not False:
             native_path = _native_model(run_dir, config, device, opset, explicit=native is True)
@@ -581,20 +585,9 @@ class OnnxPredictor:
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        return self.predict_many([image])[0]
-
-    def predict_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-        images = list(images)
-        results: list[np.ndarray] = []
-        for start in range(0, len(images), batch_size):
-            chunk = [to_network_input(img, self.size) for img in images[start : start + batch_size]]
-            x = np.ascontiguousarray(torch.cat([t for t, _ in chunk]).numpy(), dtype=np.float32)
-            prob = torch.sigmoid(torch.from_numpy(self._run(x)).float())
-            results.extend(from_network_output(prob[i], box) for i, (_, box) in enumerate(chunk))
-        return results
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self._run(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        return torch.sigmoid(torch.from_numpy(logits).float())
 
 
 def _cache_is_fresh(
@@ -695,6 +688,11 @@ def load_predictor(
     if backend not in BACKENDS:
         raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     from .predictor import Predictor
+
+    if read_run_config(Path(run_dir)).members:  # an ensemble: each member on the backend it gets
+        return EnsemblePredictor.from_run(
+            run_dir, lambda member: load_predictor(member, backend, device, intra_op_num_threads)
+        )
 
     if backend == "torch":
         return Predictor.from_run(run_dir, device=device)

@@ -12,6 +12,8 @@ from ..io_utils import atomic_path
 
 RED = (255, 40, 40)
 GREEN = (40, 220, 40)
+# outlines of the model's other classes (vessels first), distinct from truth green and nerve red
+CLASS_COLOURS = ((40, 160, 255), (255, 200, 0), (220, 80, 255))
 
 
 def _outline(mask: np.ndarray, thickness: int) -> np.ndarray:
@@ -21,13 +23,21 @@ def _outline(mask: np.ndarray, thickness: int) -> np.ndarray:
     return mask & ~inner
 
 
-def make_overlay(image: np.ndarray, prediction: np.ndarray | None = None, truth: np.ndarray | None = None) -> np.ndarray:
-    """RGB uint8 picture of a (H, W) [0, 1] image with contours and a light fill of the prediction."""
+def make_overlay(
+    image: np.ndarray,
+    prediction: np.ndarray | None = None,
+    truth: np.ndarray | None = None,
+    others: list[np.ndarray] | None = None,
+) -> np.ndarray:
+    """RGB uint8 picture of a (H, W) [0, 1] image with contours and a light fill of the prediction;
+    ``others``: masks of the model's other classes (vessels), outlined in ``CLASS_COLOURS``."""
     grey = (np.clip(image, 0, 1) * 255).astype(np.uint8)
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     thickness = max(1, round(max(image.shape) / 300))
     if prediction is not None and prediction.any():
         rgb[prediction] = 0.75 * rgb[prediction] + 0.25 * np.array(RED)
+    for mask, colour in zip(others or [], CLASS_COLOURS):
+        rgb[_outline(mask, thickness)] = colour
     if truth is not None:
         rgb[_outline(truth, thickness)] = GREEN
     if prediction is not None:

@@ -1,57 +1,174 @@
-"""Load a trained run folder and turn images into probability maps on their own pixel grid."""
+"""Load a trained run folder and turn images into probability maps on their own pixel grid.
+
+Every predictor (PyTorch ``Predictor``, onnxruntime ``OnnxPredictor``, ``EnsemblePredictor``)
+shares ``ProbabilityPredictor``'s pipeline: letterbox + standardise, the network's per-class
+sigmoid probabilities (averaged with the mirrored input under test-time augmentation, and over
+members for an ensemble, at the network's resolution), back to the original grid, then the
+post-processing chosen for the model (``config.inference``). Subclasses only supply
+``network_probabilities``.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..config import RunConfig
-from ..data.preprocess import from_network_output, to_network_input
-from ..errors import InputError
+from ..data.preprocess import from_network_output, mirror_content, to_network_input
+from ..errors import ConfigError, InputError
 from ..models import create
 from ..training.checkpoint import load_weights
 from ..training.trainer import resolve_device
 
 
-class Predictor:
-    """A trained network plus the preprocessing it was trained with.
+def keep_largest_region(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Zero the probability of every connected region of ``prob >= threshold`` but the largest
+    (8-connectivity), so every consumer -- masks, measurements, metrics -- sees one structure."""
+    from scipy import ndimage
 
-    ``predict(image)`` takes a (H, W) float image in [0, 1] and returns (H, W) probabilities.
-    Inference runs in float32 with channels_last (about 3x faster on CPU than the default
-    layout, bit-for-bit the same function).
+    labels, n = ndimage.label(prob >= threshold, structure=np.ones((3, 3), dtype=bool))
+    if n <= 1:
+        return prob
+    sizes = np.bincount(labels.ravel())[1:]
+    drop = (labels > 0) & (labels != 1 + int(np.argmax(sizes)))
+    out = prob.copy()
+    out[drop] = 0.0
+    return out
+
+
+class ProbabilityPredictor:
+    """The shared prediction pipeline. ``predict(image)`` takes a (H, W) float image in [0, 1]
+    and returns (H, W) nerve probabilities (the first class); ``predict_classes(image)`` returns
+    (C, H, W), one channel per name in ``class_names``.
+
+    ``tta`` (default: the model's ``config.inference.tta``) averages each prediction with the
+    mirror image of the prediction for the left-right mirrored input.
     """
 
-    def __init__(self, model: torch.nn.Module, config: RunConfig, device: str = "auto"):
+    config: RunConfig
+    size: int
+
+    def _init_pipeline(self, config: RunConfig, tta: bool | None = None) -> None:
         self.config = config
         self.size = config.preprocess.size
-        self.device = resolve_device(device)
-        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+        self.class_names = list(config.data.class_names)
+        self.tta = config.inference.tta if tta is None else bool(tta)
+        unknown = [c for c in config.inference.keep_largest if c not in self.class_names]
+        if unknown:
+            raise ConfigError(f"keep_largest names unknown classes {unknown}; the model has {self.class_names}")
 
-    @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto") -> "Predictor":
-        run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.is_file():
-            raise InputError(run_dir, "not a nerveseg run folder (no config.json)", "pass the --out folder of `nerveseg train`")
-        config = RunConfig.load(config_path)
-        model = create(config.model.arch, **config.model.kwargs)
-        load_weights(model, run_dir / "model.safetensors")
-        return cls(model, config, device)
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """(B, 1, S, S) standardised inputs -> (B, C, S, S) float32 probabilities."""
+        raise NotImplementedError
+
+    def _batch_probabilities(self, x: torch.Tensor, boxes) -> torch.Tensor:
+        prob = self.network_probabilities(x)
+        if self.tta:
+            mirrored = self.network_probabilities(mirror_content(x, boxes))
+            prob = 0.5 * (prob + mirror_content(mirrored, boxes))
+        return prob
 
     @torch.inference_mode()
-    def predict(self, image: np.ndarray) -> np.ndarray:
-        return self.predict_many([image])[0]
-
-    @torch.inference_mode()
-    def predict_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+    def predict_classes_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         images = list(images)
         results: list[np.ndarray] = []
         for start in range(0, len(images), batch_size):
             chunk = [to_network_input(img, self.size) for img in images[start : start + batch_size]]
-            x = torch.cat([t for t, _ in chunk]).to(self.device).contiguous(memory_format=torch.channels_last)
-            prob = torch.sigmoid(self.model(x).float())
-            results.extend(from_network_output(prob[i], box) for i, (_, box) in enumerate(chunk))
+            boxes = [box for _, box in chunk]
+            prob = self._batch_probabilities(torch.cat([t for t, _ in chunk]), boxes)
+            for i, box in enumerate(boxes):
+                out = from_network_output(prob[i], box)
+                out = out[None] if out.ndim == 2 else out
+                for c, name in enumerate(self.class_names):
+                    if name in self.config.inference.keep_largest:
+                        out[c] = keep_largest_region(out[c])
+                results.append(out)
         return results
+
+    def predict_classes(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_classes_many([image])[0]
+
+    def predict_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+        return [p[0] for p in self.predict_classes_many(images, batch_size)]
+
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        return self.predict_many([image])[0]
+
+
+def read_run_config(run_dir: Path) -> RunConfig:
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise InputError(run_dir, "not a nerveseg run folder (no config.json)", "pass the --out folder of `nerveseg train`")
+    return RunConfig.load(config_path)
+
+
+class Predictor(ProbabilityPredictor):
+    """A trained PyTorch network plus the preprocessing it was trained with.
+
+    Inference runs in float32 with channels_last (about 3x faster on CPU than the default
+    layout, bit-for-bit the same function). ``from_run`` on an ensemble folder returns an
+    ``EnsemblePredictor`` of ``Predictor`` members.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: RunConfig, device: str = "auto", tta: bool | None = None):
+        self._init_pipeline(config, tta)
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).to(memory_format=torch.channels_last).eval()
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, device: str = "auto", tta: bool | None = None) -> "ProbabilityPredictor":
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        if config.members:
+            return EnsemblePredictor.from_run(run_dir, lambda member: cls.from_run(member, device=device), tta=tta)
+        model = create(config.model.arch, **config.model.kwargs)
+        load_weights(model, run_dir / "model.safetensors")
+        return cls(model, config, device, tta)
+
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        return torch.sigmoid(self.model(x).float()).cpu()
+
+
+class EnsemblePredictor(ProbabilityPredictor):
+    """Several trained runs used as one model: the mean of their probabilities at the network's
+    resolution (one preprocessing, one resize back, one test-time mirror for all members).
+
+    An ensemble folder is a run folder whose config.json lists ``members`` (folders relative to
+    it; ``nerveseg train --all-folds`` writes one). Members must share the input size and classes.
+    """
+
+    def __init__(self, members: Sequence[ProbabilityPredictor], config: RunConfig, tta: bool | None = None):
+        if not members:
+            raise ConfigError("an ensemble needs at least one member")
+        self._init_pipeline(config, tta)
+        for m in members:
+            if m.size != self.size or m.class_names != self.class_names:
+                raise ConfigError(f"ensemble members differ: input size {m.size} vs {self.size}, "
+                                  f"classes {m.class_names} vs {self.class_names}")
+            m.tta = False  # the ensemble mirrors once for all of them
+        self.members = list(members)
+
+    @classmethod
+    def from_run(cls, run_dir: str | Path, load_member, tta: bool | None = None) -> "EnsemblePredictor":
+        run_dir = Path(run_dir)
+        config = read_run_config(run_dir)
+        members = []
+        for name in config.members:
+            member = (run_dir / name).resolve()
+            if run_dir.resolve() not in member.parents:
+                raise InputError(run_dir / "config.json", f"ensemble member {name!r} lies outside the ensemble folder",
+                                 "members are sub-folders of the ensemble folder")
+            members.append(load_member(member))
+        return cls(members, config, tta)
+
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        total = self.members[0].network_probabilities(x)
+        for m in self.members[1:]:
+            total = total + m.network_probabilities(x)
+        return total / len(self.members)

@@ -105,8 +105,29 @@ def _open(path: Path) -> tuple[Iterator[np.ndarray], Spacing | None, dict]:
     raise InputError(path, f"unsupported file type {suffix or '(none)'}", f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
+def class_columns(name: str) -> tuple[str, ...]:
+    """measurements.csv columns of a class other than the nerve (e.g. vessels)."""
+    return (f"{name}_area_px", f"{name}_area_mm2", f"{name}_components")
+
+
 def write_measurements(path: Path, rows: Sequence[dict]) -> None:
-    atomic_write_csv(path, rows, MEASUREMENT_FIELDS)
+    extra = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in MEASUREMENT_FIELDS and k != "perimeter_px"]
+    atomic_write_csv(path, rows, MEASUREMENT_FIELDS + tuple(extra))
+
+
+def _class_probabilities(predictor, chunk: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    if hasattr(predictor, "predict_classes_many"):
+        return predictor.predict_classes_many(chunk, batch_size=batch_size)
+    return [p[None] for p in predictor.predict_many(chunk, batch_size=batch_size)]
+
+
+def _class_values(name: str, mask: np.ndarray, spacing: Spacing | None) -> dict:
+    from scipy import ndimage
+
+    area_px = int(mask.sum())
+    _, n = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    area_mm2 = "" if spacing is None else round(area_px * spacing.row_mm * spacing.col_mm, 4)
+    return dict(zip(class_columns(name), (area_px, area_mm2, n)))
 
 
 def save_csa_plot(rows: Sequence[dict], path: Path, title: str) -> None:
@@ -160,29 +181,41 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
     t0 = time.perf_counter()
     index = 0
     video_tmp = None
+    other_names = list(getattr(predictor, "class_names", ["nerve"]))[1:]
     try:
         for chunk in _chunks(frames, options.batch_size):
-            for image, prob in zip(chunk, predictor.predict_many(chunk, batch_size=options.batch_size)):
-                if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
-                    prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
-                previous = prob
+            for image, probs in zip(chunk, _class_probabilities(predictor, chunk, options.batch_size)):
+                if options.temporal_smoothing and previous is not None and previous.shape == probs.shape:
+                    probs = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * probs
+                previous = probs
+                prob = probs[0]
                 mask = postprocess(prob >= options.threshold, options.postprocess, options.min_area_px)
+                others = [p >= options.threshold for p in probs[1:]]
                 frame_spacing = spacing
                 if header is not None and mask.any():
                     try:
                         frame_spacing = dicom_spacing(header, roi=mask_roi(mask), path=path)
                     except InputError as exc:
                         log(f"warning: {exc}")
-                rows.extend(measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component))
-                overlay = make_overlay(image, mask)
+                frame_rows = measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component)
+                for name, other in zip(other_names, others):
+                    values = _class_values(name, other, frame_spacing)
+                    for row in frame_rows:
+                        row.update(values)
+                rows.extend(frame_rows)
+                overlay = make_overlay(image, mask, others=others)
                 if multi:
                     save_png((mask * 255).astype(np.uint8), out / f"{stem}_masks" / f"frame_{index:05d}.png")
+                    for name, other in zip(other_names, others):
+                        save_png((other * 255).astype(np.uint8), out / f"{stem}_{name}_masks" / f"frame_{index:05d}.png")
                     if writer is None:
                         video_tmp = out / f".{stem}_overlay.partial.mp4"
                         writer = VideoWriter(video_tmp, fps=meta.get("fps") or 25.0)
                     writer.write(overlay)
                 else:
                     save_png((mask * 255).astype(np.uint8), out / f"{stem}_mask.png")
+                    for name, other in zip(other_names, others):
+                        save_png((other * 255).astype(np.uint8), out / f"{stem}_{name}_mask.png")
                     save_png(overlay, out / f"{stem}_overlay.png")
                     if options.labelme:
                         write_labelme(out / f"{stem}.json", mask, image_path=str(path.resolve()), label="nerve")

@@ -31,6 +31,11 @@ class SegmentationModel(nn.Module):
 
     Subclasses implement ``forward_padded`` on inputs whose sides are multiples of
     ``size_divisor``. ``forward`` returns raw logits; ``predict`` returns probabilities.
+
+    Deep supervision (networks built with ``deep_supervision=True``): in training mode
+    ``forward`` returns ``(logits, [aux_1, aux_2, ...])``, the auxiliary logits at 1/2, 1/4, ...
+    of the input's resolution; in eval mode only the logits, so inference, export and every
+    metric see the plain network.
     """
 
     size_divisor: int = 16
@@ -47,6 +52,9 @@ class SegmentationModel(nn.Module):
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
         logits = self.forward_padded(x)
+        if isinstance(logits, tuple):  # deep supervision, training mode
+            main, aux = logits
+            return main[..., :h, :w], [a[..., : -(-h // 2 ** (k + 1)), : -(-w // 2 ** (k + 1))] for k, a in enumerate(aux)]
         if pad_h or pad_w:
             logits = logits[..., :h, :w]
         return logits
@@ -64,7 +72,8 @@ class UNetSkeleton(SegmentationModel):
     ``level(in, out)`` builds one encoder/decoder level; ``up(deep, shallow)`` maps the deeper
     decoder feature to the skip's width at twice the resolution (after ``upsample`` when given).
     Encoder: level, then 2x2 max-pool before each deeper level. Decoder: up, concatenate with the
-    skip, level. Head: 1x1 convolution to ``out_channels`` logits.
+    skip, level. Head: 1x1 convolution to ``out_channels`` logits. ``deep_supervision`` adds a
+    1x1 head on every decoder level but the last (nnU-Net's auxiliary outputs), used in training only.
     """
 
     def __init__(
@@ -75,6 +84,7 @@ class UNetSkeleton(SegmentationModel):
         level: Callable[[int, int], nn.Module],
         up: Callable[[int, int], nn.Module],
         upsample: nn.Module | None = None,
+        deep_supervision: bool = False,
     ):
         super().__init__()
         features = tuple(features)
@@ -92,6 +102,10 @@ class UNetSkeleton(SegmentationModel):
             self.up_convs.append(up(deep, shallow))
             self.decoder.append(level(2 * shallow, shallow))
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
+        self.deep_supervision = deep_supervision
+        if deep_supervision:
+            # finest first: the decoder levels at 1/2, 1/4, ... resolution (the full-resolution one is the main head's)
+            self.aux_heads = nn.ModuleList(nn.Conv2d(w, out_channels, kernel_size=1) for w in features[1:-1])
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The bottleneck feature and the skip features, shallow first."""
@@ -103,9 +117,17 @@ class UNetSkeleton(SegmentationModel):
             skips.append(x)
         return skips.pop(), skips
 
-    def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_padded(self, x: torch.Tensor):
         x, skips = self.encode(x)
+        levels = []
         for up_conv, level in zip(self.up_convs, self.decoder):
             x = up_conv(self.upsample(x))
             x = level(torch.cat([skips.pop(), x], dim=1))
-        return self.head(x)
+            levels.append(x)
+        return self.with_aux(self.head(x), levels[:-1])
+
+    def with_aux(self, logits: torch.Tensor, decoder_levels: list[torch.Tensor]):
+        """``logits`` alone, or with the auxiliary heads' logits (finest first) in deep-supervised training."""
+        if not (self.deep_supervision and self.training):
+            return logits
+        return logits, [head(f) for head, f in zip(self.aux_heads, decoder_levels[::-1])]

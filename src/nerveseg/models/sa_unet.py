@@ -34,6 +34,7 @@ class SAUNet(UNetSkeleton):
     Args:
         in_channels: image channels (1: ultrasound is grey).
         out_channels: logit channels (1: nerve vs background).
+        deep_supervision: auxiliary 1x1 heads on the coarser decoder levels (training only).
         features: widths of the five levels.
         n: cascade length N of each SAConv.
 
@@ -46,6 +47,7 @@ class SAUNet(UNetSkeleton):
         out_channels: int = 1,
         features: Sequence[int] = (32, 64, 128, 256, 512),
         n: int = 4,
+        deep_supervision: bool = False,
     ):
         super().__init__(
             in_channels,
@@ -54,4 +56,5 @@ class SAUNet(UNetSkeleton):
             level=lambda cin, cout: SALevel(cin, cout, n),
             up=lambda deep, shallow: SAConv(deep, shallow, n),
             upsample=nn.Upsample(scale_factor=2, mode="nearest"),
+            deep_supervision=deep_supervision,
         )

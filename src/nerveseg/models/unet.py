@@ -18,6 +18,7 @@ class UNet(UNetSkeleton):
     Args:
         in_channels: image channels.
         out_channels: logit channels.
+        deep_supervision: auxiliary 1x1 heads on the coarser decoder levels (training only).
         features: widths of the five levels (32-512 gives 7,762,465 parameters).
 
     Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W) logits, any H, W.
@@ -28,6 +29,7 @@ class UNet(UNetSkeleton):
         in_channels: int = 1,
         out_channels: int = 1,
         features: Sequence[int] = (32, 64, 128, 256, 512),
+        deep_supervision: bool = False,
     ):
         super().__init__(
             in_channels,
@@ -35,4 +37,5 @@ class UNet(UNetSkeleton):
             features,
             level=DoubleConv,
             up=lambda deep, shallow: nn.ConvTranspose2d(deep, shallow, kernel_size=2, stride=2),
+            deep_supervision=deep_supervision,
         )

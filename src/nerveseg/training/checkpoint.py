@@ -69,3 +69,24 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path
             per_param.setdefault(int(index), {})[key] = value
     optimizer.load_state_dict({"state": per_param, "param_groups": state.pop("param_groups")})
     return state
+
+
+def transfer_weights(model: nn.Module, path: str | Path) -> list[str]:
+    """Start ``model`` from the weights in ``path`` (fine-tuning): every tensor whose name and
+    shape match is copied; the rest (a head for another number of classes, auxiliary heads the
+    source was trained without) keep their fresh initialisation and are returned by name.
+    Refuses a source that shares too little with ``model`` to be the same architecture."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "weights file not found", "point --init-from at a run folder written by `nerveseg train`")
+    try:
+        source = load_file(str(path))
+    except Exception as exc:
+        raise InputError(path, f"not a readable safetensors file ({exc})", "re-export or re-train the model") from None
+    own = model.state_dict()
+    matching = {k: v for k, v in source.items() if k in own and own[k].shape == v.shape}
+    if len(matching) < 0.5 * len(own):
+        raise InputError(path, f"these weights fit only {len(matching)} of the model's {len(own)} tensors",
+                         "--init-from needs a run of the same architecture (the new run takes its arch from it)")
+    model.load_state_dict(matching, strict=False)
+    return sorted({k.rsplit(".", 1)[0] for k in own if k not in matching})

@@ -21,8 +21,8 @@ from ..data.samples import discover_samples, split_samples
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_write_csv, atomic_write_json
 from ..models import create
-from .checkpoint import load_training_state, save_training_state, save_weights
-from .losses import soft_dice_loss
+from .checkpoint import load_training_state, save_training_state, save_weights, transfer_weights
+from .losses import supervised_loss
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
 
@@ -56,9 +56,12 @@ def learning_rate(cfg, epoch: int, step: int, steps_per_epoch: int) -> float:
     t = epoch + step / steps_per_epoch
     if cfg.warmup_epochs and t < cfg.warmup_epochs:
         return cfg.lr * (t + 1 / steps_per_epoch) / cfg.warmup_epochs
+    span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
+    progress = min(1.0, (t - cfg.warmup_epochs) / span)
     if cfg.schedule == "cosine":
-        span = max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-        return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, (t - cfg.warmup_epochs) / span)))
+        return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    if cfg.schedule == "poly":  # nnU-Net's: lr (1 - t/T)^0.9
+        return cfg.lr * (1 - progress) ** 0.9
     return cfg.lr
 
 
@@ -68,7 +71,8 @@ def _standardized(images: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def validation_dice(model, data: TensorSet, device, amp: bool, channels_last: bool, batch_size: int = 8) -> float:
-    """Mean per-image Dice at the network resolution (threshold 0.5), for checkpoint choice.
+    """Mean per-image Dice of the first (nerve) class at the network resolution (threshold 0.5),
+    for checkpoint choice.
 
     Final figures come from ``nerveseg evaluate`` at the original resolution; this is the
     cheap in-loop estimate used only to pick the best epoch.
@@ -80,8 +84,8 @@ def validation_dice(model, data: TensorSet, device, amp: bool, channels_last: bo
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
-            pred = model(x).float() >= 0
-        truth = data.masks[start : start + batch_size].to(device) >= 0.5
+            pred = model(x)[:, :1].float() >= 0
+        truth = data.masks[start : start + batch_size, :1].to(device) >= 0.5
         inter = (pred & truth).flatten(1).sum(1).float()
         total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
         dices.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).cpu())
@@ -122,6 +126,37 @@ def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
     return train, val
 
 
+def model_kwargs(config: RunConfig) -> dict:
+    """The architecture's constructor arguments with what the data and recipe imply: one output
+    per class, auxiliary heads under deep supervision. Left out at their defaults, so a
+    single-class paper-recipe config stays as it was."""
+    kwargs = dict(config.model.kwargs)
+    if len(config.data.class_labels) > 1:
+        kwargs["out_channels"] = len(config.data.class_labels)
+    if config.train.deep_supervision:
+        kwargs["deep_supervision"] = True
+    return kwargs
+
+
+def resolve_init_from(init_from: str, fold: int | None = None) -> Path:
+    """The run folder whose weights ``--init-from`` means: "default" is the shipped model; an
+    ensemble folder gives its member for ``fold`` (member 0 without a fold)."""
+    if init_from == "default":
+        from ..pretrained import pretrained_dir
+
+        source = pretrained_dir()
+    else:
+        source = Path(init_from)
+    config_path = source / "config.json"
+    if not config_path.is_file():
+        raise InputError(source, "--init-from needs a run folder (config.json + model.safetensors)",
+                         "pass a folder written by `nerveseg train`, or 'default' for the shipped model")
+    members = RunConfig.load(config_path).members
+    if members:
+        source = source / members[(fold or 0) % len(members)]
+    return source
+
+
 def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
     """Train ``config`` into ``out_dir``; with ``resume`` continue an interrupted run there.
 
@@ -148,7 +183,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     train_samples, val_samples = prepare_split(config, log)
     if resume and (config.train_stems != RunConfig.load(config_path).train_stems):
         raise ConfigError(f"{out}: the data folder changed since this run started; cannot resume on another split")
-    size, label = config.preprocess.size, config.data.label
+    size = config.preprocess.size
+    label = config.data.labels if config.data.labels is not None else config.data.label
     train_set, problems = load_tensor_set(train_samples, size, label)
     val_set, val_problems = load_tensor_set(val_samples, size, label)
     for problem in problems + val_problems:
@@ -162,10 +198,15 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     # same on either device up to floating point)
     train_set, val_set = train_set.to(device), val_set.to(device)
     out.mkdir(parents=True, exist_ok=True)
+    config.model.kwargs = model_kwargs(config)
     atomic_write_json(config_path, config.to_dict())
-
     torch.manual_seed(config.data.seed)  # the same seed gives the same initial weights
-    model = create(config.model.arch, **config.model.kwargs).to(device)
+    model = create(config.model.arch, **config.model.kwargs)
+    if cfg.init_from and not (resume and last_path.exists()):
+        source = resolve_init_from(cfg.init_from, config.data.fold)
+        skipped = transfer_weights(model, source / "model.safetensors")
+        log(f"initialised from {source}" + (f" (kept fresh: {', '.join(skipped)})" if skipped else ""))
+    model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -207,8 +248,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast_context(device, cfg.amp):
-                logits = model(x)
-            loss = soft_dice_loss(logits, y)
+                output = model(x)
+            loss = supervised_loss(cfg.loss, output, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -216,9 +257,12 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{max(best_dice, 0):.4f}")
         val_dice = validation_dice(model, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
-        improved = len(val_set) == 0 or val_dice > best_dice
+        improved = len(val_set) > 0 and val_dice > best_dice
         if improved:
-            best_dice, best_epoch = (val_dice if len(val_set) else best_dice), epoch
+            best_dice, best_epoch = val_dice, epoch
+        elif len(val_set) == 0:
+            best_epoch = epoch
+        if improved or len(val_set) == 0 or cfg.checkpoint == "last":
             save_weights(model, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
         history.append(
             {
@@ -236,3 +280,46 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{val_dice:.4f}")
     bar.close()
     return TrainResult(out, best_dice, best_epoch + 1, cfg.epochs - start_epoch, time.perf_counter() - t0)
+
+
+def fold_run_name(fold: int) -> str:
+    return f"fold_{fold}"
+
+
+def ensemble_config(fold_configs: list[RunConfig], members: list[str]) -> RunConfig:
+    """The config.json of an ensemble folder: the members' shared recipe, their union of training
+    images (so ``--subset unseen`` means images no member saw), and the member folders."""
+    first = fold_configs[0]
+    config = RunConfig.from_dict(first.to_dict())
+    config.data.folds = config.data.fold = config.data.val_fraction = None  # the members hold their splits
+    config.train_stems = sorted({s for c in fold_configs for s in c.train_stems})
+    config.val_stems = []
+    config.members = list(members)
+    return config
+
+
+def train_all_folds(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> list[TrainResult]:
+    """Cross-validation that ships: train fold k of ``config.data.folds`` into ``OUT/fold_k`` for
+    every k, then write ``OUT/config.json`` naming them as ``members``, which makes ``OUT`` an
+    ensemble that every predictor and command loads like one model (probabilities averaged).
+    Each fold validates on its own held-out fold (``nerveseg evaluate --subset cv`` scores
+    every member there: the cross-validated figure). Resumable fold by fold; the ensemble's
+    config.json is written last, so its presence means all folds finished."""
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    if config.data.folds is None:
+        raise ConfigError("--all-folds needs --folds K")
+    out = Path(out_dir)
+    if (out / "config.json").exists() and not resume:
+        raise ConfigError(f"{out} already holds an ensemble; pass --resume or choose another --out")
+    results, configs, members = [], [], []
+    for fold in range(config.data.folds):
+        fold_config = RunConfig.from_dict(config.to_dict())
+        fold_config.data.fold = fold
+        run_dir = out / fold_run_name(fold)
+        log(f"fold {fold + 1}/{config.data.folds} -> {run_dir}")
+        results.append(train(fold_config, run_dir, resume=resume and (run_dir / "config.json").exists(),
+                             progress=progress, log=log))
+        configs.append(RunConfig.load(run_dir / "config.json"))
+        members.append(fold_run_name(fold))
+    atomic_write_json(out / "config.json", ensemble_config(configs, members).to_dict())
+    return results
