@@ -51,7 +51,7 @@ class TwoDiscs:
         return prob
 
     def predict_many(self, images, batch_size=4):
-        if self.fail:
+        if self.fail and any(img.size > 64 * 64 for img in images):  # the start-up warm-up works
             raise RuntimeError("secret internal detail /srv/private")
         return [self._prob(img.shape) for img in images]
 

@@ -21,6 +21,14 @@ SHIPPED_CARD = {
 }
 
 
+def warm_up(predictor) -> None:
+    """One prediction at start-up, so the first clinician's upload does not pay onnxruntime's
+    first-run cost (the network input is always the letterbox size, so any image will do)."""
+    import numpy as np
+
+    predictor.predict(np.zeros((64, 64), np.float32))
+
+
 def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
     from ..models import count_parameters, create
 
@@ -64,6 +72,7 @@ class ModelSlot:
         self.original = Path(run_dir)
         self.run_dir = Path(run_dir)
         self.predictor = loader(self.run_dir)
+        warm_up(self.predictor)
         self.info = model_info(self.run_dir, self.predictor, self.is_shipped(self.run_dir))
 
     def is_shipped(self, run_dir: Path) -> bool:
@@ -79,6 +88,7 @@ class ModelSlot:
 
     def switch(self, run_dir: Path) -> dict:
         predictor = self._loader(Path(run_dir))  # outside the lock: requests keep the old one meanwhile
+        warm_up(predictor)
         info = model_info(Path(run_dir), predictor, self.is_shipped(run_dir))
         with self._lock:
             self.predictor, self.run_dir, self.info = predictor, Path(run_dir), info
