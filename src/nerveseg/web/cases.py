@@ -39,8 +39,10 @@ def class_names(predictor) -> list[str]:
 
 
 def predict_classes(predictor, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
-    """(C, H, W) probabilities per image: ``predict_classes`` when the model has it, else the
-    nerve probability of ``predict_many`` as one class."""
+    """(C, H, W) probabilities per image: ``predict_classes_many`` / ``predict_classes`` when the
+    model has them, else the nerve probability of ``predict_many`` as one class."""
+    if hasattr(predictor, "predict_classes_many"):
+        return [np.asarray(p, dtype=np.float32) for p in predictor.predict_classes_many(images, batch_size=batch_size)]
     if hasattr(predictor, "predict_classes"):
         return [np.asarray(predictor.predict_classes(img), dtype=np.float32) for img in images]
     return [p[None] for p in predictor.predict_many(images, batch_size=batch_size)]
