@@ -11,23 +11,35 @@ DATA=${2:-../shared/data/usgra-seg}
 OUT=${3:-runs/study}
 mkdir -p "$OUT"
 
+# Several copies may run at once (THREADS=1 bash ... & THREADS=1 bash ... &: one core each is
+# faster on two cores than one two-thread job): a run is trained or scored by whichever copy
+# takes its lock first (flock: released when the holder dies, so a killed copy blocks nothing).
+mkdir -p "$OUT/.locks"
+
 train() {  # name, then train arguments; trains unless finished
   local name=$1; shift
   local dir="$OUT/$name"
   [ -f "$dir/.trained" ] && return 0
-  local resume=()
-  { [ -f "$dir/config.json" ] || [ -d "$dir/fold_0" ]; } && resume=(--resume)
-  local t0=$(date +%s)
-  nerveseg train --data "$DATA" --seed 0 --quiet --out "$dir" "${resume[@]}" "$@"
-  echo "$name train_seconds $(( $(date +%s) - t0 ))" >> "$OUT/timings.txt"
-  touch "$dir/.trained"
+  (
+    flock -n 9 || exit 0
+    [ -f "$dir/.trained" ] && exit 0
+    resume=()
+    { [ -f "$dir/config.json" ] || [ -d "$dir/fold_0" ]; } && resume=(--resume)
+    t0=$(date +%s)
+    nerveseg train --data "$DATA" --seed 0 --quiet --out "$dir" ${THREADS:+--threads $THREADS} "${resume[@]}" "$@"
+    echo "$name train_seconds $(( $(date +%s) - t0 ))" >> "$OUT/timings.txt"
+    touch "$dir/.trained"
+  ) 9>"$OUT/.locks/$name.train"
 }
 
 evaluate() {  # name [extra evaluate args]; scores the run on its held-out fold at original resolution
   local name=$1; shift
   local dir="$OUT/$name"
   [ -f "$dir/eval/metrics.json" ] && return 0
-  nerveseg evaluate --model "$dir" --data "$DATA" --subset val --no-overlays --quiet --out "$dir/eval" "$@"
+  (
+    flock -n 9 || exit 0
+    nerveseg evaluate --model "$dir" --data "$DATA" --subset val --no-overlays --quiet --out "$dir/eval" "$@"
+  ) 9>"$OUT/.locks/$name.eval"
 }
 
 # the paper's recipe at 128 px (128 matched 256 at 30 epochs, issue 2), last epoch kept: the
@@ -37,7 +49,9 @@ NNAUG=shear,scale,rotate,elastic,brightness,contrast,gamma,noise,blur,lowres
 
 case $PHASE in
 screen)
-  for fold in 0 1; do
+  folds="0 1"
+  [ "${REVERSE:-0}" = 1 ] && folds="1 0"  # a second copy starts at the other end
+  for fold in $folds; do
     train paper_last_f$fold "${BASE[@]}" --fold $fold
     train vessels_f$fold "${BASE[@]}" --fold $fold --labels 1,2 --label-names nerve,vessel
     train dice_ce_f$fold "${BASE[@]}" --fold $fold --loss dice_ce
@@ -54,7 +68,7 @@ screen)
 final)
   # the chosen recipe on all five folds, as an ensemble of the five fold models; each fold's
   # model is scored on its own held-out fold (--subset cv), with and without the inference options
-  for arch in sa_unet unet; do
+  for arch in ${ARCHS:-sa_unet unet}; do
     name=${arch}_nerveseg
     train $name --recipe nerveseg --arch $arch --folds 5 --all-folds
     cv() {  # tag, evaluate args

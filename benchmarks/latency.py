@@ -2,6 +2,11 @@
 
 Usage: python benchmarks/latency.py [--threads 2] [--repeats 10] [--archs sa_unet,unet] [--out docs/latency.json]
            [--inductor]
+       python benchmarks/latency.py --shipped [--model RUN] [--threads 2]   the shipped model end to end
+
+``--shipped``: milliseconds per 534x512 frame through the default backend (``load_predictor``, as
+``nerveseg segment`` runs it) with the model's own ensemble members and test-time augmentation:
+preprocessing, every member, the mirrored pass, resizing back and post-processing included.
 
 For each architecture at 512x512, batch 1: eager fp32 (default layout), eager channels_last,
 channels_last + bf16 autocast, and onnxruntime at ORT_ENABLE_ALL / EXTENDED / BASIC; for SA-UNet also
@@ -193,6 +198,24 @@ def training_throughput(arch: str, repeats: int) -> dict:
     return out
 
 
+def shipped_latency(model_dir: str | None, threads: int, repeats: int) -> dict:
+    from nerveseg.inference.onnx_backend import load_predictor
+    from nerveseg.pretrained import pretrained_dir
+
+    folder = Path(model_dir) if model_dir else pretrained_dir()
+    predictor = load_predictor(folder, intra_op_num_threads=threads)
+    image = np.random.default_rng(0).random((512, 534)).astype(np.float32)  # H x W of usgra-seg's frames
+    ms = median_ms(lambda: predictor.predict_classes(image), repeats, warmup=3)
+    members = getattr(predictor, "members", [predictor])
+    kinds = sorted({type(m).__name__ + (" (native SAConv)" if getattr(m, "native_ops", False) else "") for m in members})
+    result = {"model": folder.name, "ms_per_frame_534x512": round(ms, 2), "members": len(members), "tta": predictor.tta,
+              "classes": predictor.class_names, "input_size": predictor.size, "backend": kinds, "threads": threads,
+              "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d")}
+    print(f"shipped model {folder.name}: {ms:.1f} ms per 534x512 frame (median of {repeats}; {len(members)} member(s), "
+          f"tta={predictor.tta}, input {predictor.size}px, classes {predictor.class_names}, {', '.join(kinds)}, {threads} threads)")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--threads", type=int, default=2)
@@ -200,8 +223,13 @@ def main() -> None:
     parser.add_argument("--archs", default="sa_unet,unet")
     parser.add_argument("--out", default=None, help="also write the results as JSON")
     parser.add_argument("--inductor", action="store_true", help="also torch.compile (needs a C++ compiler; ~20 s per model)")
+    parser.add_argument("--shipped", action="store_true", help="only the shipped model (or --model) end to end, 534x512")
+    parser.add_argument("--model", default=None, help="with --shipped: a run or ensemble folder instead")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.shipped:
+        shipped_latency(args.model, args.threads, max(args.repeats, 20))
+        return
     report = {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
               "torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,0 +1,67 @@
+"""Ship a trained run or ensemble folder as the package's default model (src/nerveseg/pretrained/NAME).
+
+Usage: python benchmarks/ship_default_model.py RUN [--name sa_unet_usgra] [--tta | --no-tta] [--keep-largest nerve]
+
+Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
+model.onnx, so the default backend never exports at run time. Every machine-specific value is
+removed: the data folder (the images are not shipped), and an --init-from path. The inference
+options (--tta, --keep-largest) are the ones chosen on cross-validation (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+from nerveseg.config import RunConfig
+from nerveseg.inference.onnx_backend import _load_torch_model, export_onnx, weights_sha256
+from nerveseg.io_utils import atomic_write_json
+
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nerveseg" / "pretrained"
+
+
+def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] | None) -> RunConfig:
+    config.data.data_dir = ""  # trained on usgra-seg (docs/MODEL_CARD.md); the path was this machine's
+    if config.train.init_from not in (None, "default"):
+        config.train.init_from = Path(config.train.init_from).name
+    if tta is not None:
+        config.inference.tta = tta
+    if keep_largest is not None:
+        config.inference.keep_largest = keep_largest
+    return config
+
+
+def ship_run(run: Path, dest: Path, tta=None, keep_largest=None) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    config = portable(RunConfig.load(run / "config.json"), tta, keep_largest)
+    atomic_write_json(dest / "config.json", config.to_dict())
+    if config.members:
+        for member in config.members:
+            ship_run(run / member, dest / member)
+        return
+    shutil.copyfile(run / "model.safetensors", dest / "model.safetensors")
+    export_onnx(_load_torch_model(dest, config), dest / "model.onnx", 18, config=config,
+                weights_hash=weights_sha256(dest / "model.safetensors"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--name", default="sa_unet_usgra")
+    parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
+    args = parser.parse_args()
+    dest = PACKAGE / args.name
+    if dest.exists():
+        shutil.rmtree(dest)
+    keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
+    ship_run(Path(args.run), dest, args.tta, keep)
+    for path in sorted(dest.rglob("*")):
+        if path.is_file():
+            path.chmod(0o644)
+            print(f"{path.relative_to(PACKAGE)}  {path.stat().st_size:,} bytes")
+
+
+if __name__ == "__main__":
+    main()

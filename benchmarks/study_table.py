@@ -1,0 +1,120 @@
+"""Tables of issue 10's accuracy study (docs/benchmarks.md), from the runs benchmarks/accuracy_study.sh wrote.
+
+Usage: python benchmarks/study_table.py [OUT]   (default runs/study)
+
+- screening: each lever vs the paper recipe, per-image nerve Dice pooled over folds 0 and 1, paired
+  Wilcoxon signed-rank test on the same images;
+- cross-validation: every ``*_nerveseg/cv_*`` evaluation (5 folds, each image scored by the fold
+  model that never saw it), nerve and vessel, and SA-UNet vs U-Net paired per image;
+- learning curve: ``curve_*`` runs scored on fold 0.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from pathlib import Path
+
+from nerveseg.evaluation.statistics import paired_wilcoxon
+
+LEVERS = ("paper_last", "vessels", "dice_ce", "deep_sup", "nnaug", "hflip", "poly")
+
+
+def per_image(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _f(v) -> float:
+    return float(v) if v not in (None, "", "nan") else math.nan
+
+
+def summary(rows: list[dict]) -> tuple[float, float, float, int, int]:
+    dice = [_f(r["dice"]) for r in rows]
+    zero = [r["zero_overlap"] == "1" for r in rows]
+    n = len(dice)
+    mean = sum(dice) / n
+    sd = math.sqrt(sum((d - mean) ** 2 for d in dice) / (n - 1)) if n > 1 else 0.0
+    median = sorted(dice)[n // 2] if n % 2 else 0.5 * sum(sorted(dice)[n // 2 - 1 : n // 2 + 1])
+    return mean, sd, median, sum(zero), n
+
+
+def tagged(rows, arch, fold=""):
+    return [{**r, "arch": arch, "seed": 0, "fold": fold} for r in rows]
+
+
+def screening(root: Path) -> None:
+    print("| lever | folds | nerve Dice (mean ± SD) | median | zero-overlap | n | median diff vs paper | p (Wilcoxon) |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    pooled = {}
+    for lever in LEVERS:
+        rows = []
+        for fold in (0, 1):
+            path = root / f"{lever}_f{fold}" / "eval" / "per_image.csv"
+            if path.is_file():
+                rows += tagged(per_image(path), lever, fold)
+        if rows:
+            pooled[lever] = rows
+    for lever, rows in pooled.items():
+        mean, sd, median, zero, n = summary(rows)
+        folds = ",".join(sorted({str(r["fold"]) for r in rows}))
+        test = "--"
+        diff = "--"
+        if lever != "paper_last" and "paper_last" in pooled:
+            w = paired_wilcoxon(pooled["paper_last"] + rows, lever, "paper_last")
+            diff, test = f"{w['median_difference']:+.3f}", f"{w['p_value']:.3g} (n={w['n']})"
+        print(f"| {lever} | {folds} | {mean:.3f} ± {sd:.3f} | {median:.3f} | {zero}/{n} ({100 * zero / n:.1f}%) | {n} | {diff} | {test} |")
+
+
+def cross_validation(root: Path) -> None:
+    print("\n| run | evaluation | class | Dice (mean ± SD) | median | HD95 (px) | pooled AUC | zero-overlap | n |")
+    print("| --- | --- | --- | --- | ---: | --- | ---: | ---: | ---: |")
+    for metrics_path in sorted(root.glob("*_nerveseg/cv_*/metrics.json")):
+        m = json.loads(metrics_path.read_text())
+        classes = m.get("classes") or {"nerve": m}
+        for name, c in classes.items():
+            rows = per_image(metrics_path.parent / ("per_image.csv" if name == "nerve" else f"per_image_{name}.csv"))
+            mean, sd, median, zero, n = summary(rows)
+            hd95 = c["hd95"]
+            print(f"| {metrics_path.parent.parent.name} | {metrics_path.parent.name[3:]} | {name} | {mean:.3f} ± {sd:.3f} | "
+                  f"{median:.3f} | {hd95['mean']:.1f} ± {hd95['sd']:.1f} | {c['pooled_auc']:.4f} | {zero}/{n} ({100 * zero / n:.1f}%) | {n} |")
+    pairs = [("sa_unet_nerveseg", "unet_nerveseg")]
+    for a, b in pairs:
+        pa, pb = root / a / "cv_plain" / "per_image.csv", root / b / "cv_plain" / "per_image.csv"
+        if pa.is_file() and pb.is_file():
+            w = paired_wilcoxon(tagged(per_image(pa), a) + tagged(per_image(pb), b), a, b)
+            print(f"\n{a} vs {b} (nerve Dice, paired per image): median difference {w['median_difference']:+.4f}, "
+                  f"p = {w['p_value']:.3g}, n = {w['n']}")
+    base = root / "sa_unet_nerveseg" / "cv_plain" / "per_image.csv"
+    for tag in ("tta", "largest_nerve", "largest_both"):
+        other = root / "sa_unet_nerveseg" / f"cv_{tag}" / "per_image.csv"
+        if base.is_file() and other.is_file():
+            w = paired_wilcoxon(tagged(per_image(other), tag) + tagged(per_image(base), "plain"), tag, "plain")
+            print(f"sa_unet_nerveseg {tag} vs plain (nerve Dice): median difference {w['median_difference']:+.4f}, "
+                  f"p = {w['p_value']:.3g}, n = {w['n']}")
+
+
+def learning_curve(root: Path) -> None:
+    print("\n| training images | from scratch: Dice | zero-overlap | fine-tuned from the folds-3-4 model: Dice | zero-overlap | p |")
+    print("| ---: | --- | ---: | --- | ---: | ---: |")
+    pre = root / "curve_pretrain" / "eval" / "per_image.csv"
+    if pre.is_file():
+        mean, sd, median, zero, n = summary(per_image(pre))
+        print(f"| 0 (pretrained model alone) | -- | -- | {mean:.3f} ± {sd:.3f} | {zero}/{n} | -- |")
+    for size in (5, 10, 20, 50):
+        a, b = root / f"curve_scratch_n{size}" / "eval" / "per_image.csv", root / f"curve_finetune_n{size}" / "eval" / "per_image.csv"
+        if not (a.is_file() and b.is_file()):
+            continue
+        ra, rb = per_image(a), per_image(b)
+        sa, sb = summary(ra), summary(rb)
+        w = paired_wilcoxon(tagged(rb, "ft") + tagged(ra, "scratch"), "ft", "scratch")
+        print(f"| {size} | {sa[0]:.3f} ± {sa[1]:.3f} | {sa[3]}/{sa[4]} | {sb[0]:.3f} ± {sb[1]:.3f} | {sb[3]}/{sb[4]} | {w['p_value']:.3g} |")
+
+
+if __name__ == "__main__":
+    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    screening(root)
+    cross_validation(root)
+    learning_curve(root)
