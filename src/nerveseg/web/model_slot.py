@@ -21,6 +21,20 @@ SHIPPED_CARD = {
 }
 
 
+def _card(run_dir: Path, shipped: bool) -> dict | None:
+    """The run folder's own ``model_card.json`` (keys as SHIPPED_CARD) when it has one; else the
+    shipped model's summary above for the shipped model; else None."""
+    import json
+
+    path = run_dir / "model_card.json"
+    if path.is_file():
+        try:
+            return {str(k): str(v) for k, v in json.loads(path.read_text(encoding="utf-8")).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+    return SHIPPED_CARD if shipped else None
+
+
 def warm_up(predictor) -> None:
     """One prediction at start-up, so the first clinician's upload does not pay onnxruntime's
     first-run cost (the network input is always the letterbox size, so any image will do)."""
@@ -54,7 +68,7 @@ def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
             "augment": list(t.augment), "train_images": len(config.train_stems), "val_images": len(config.val_stems),
             "label": config.data.label,
         },
-        "card": SHIPPED_CARD if shipped else None,
+        "card": _card(Path(run_dir), shipped),
     }
     from .jobs import read_history
 
