@@ -6,15 +6,13 @@ pixel size comes from the command line (``--mm-per-pixel`` / ``--spacing``), fro
 *Pixel Spacing*; otherwise there is none and areas stay in pixels (see
 :func:`warn_once_no_calibration`).
 
-:func:`read_dicom` also reads the frames of a DICOM file the way :func:`nerveseg.data.io.read_image`
-reads an image: float32 in [0, 1], grey, every problem an :class:`~nerveseg.errors.InputError`
-naming the file and saying what to do.
+Only the rules live here. Files are read in :mod:`nerveseg.data.media`; ``read_dicom``,
+``read_dicom_header`` and ``MAX_DICOM_PIXELS`` are re-exported from there for existing callers.
 """
 
 from __future__ import annotations
 
 import math
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from nerveseg.data.io import LUMA_WEIGHTS, MAX_IMAGE_PIXELS
+from nerveseg.data.media import MAX_DICOM_PIXELS, read_dicom, read_dicom_header
 from nerveseg.errors import ConfigError, InputError
 
 __all__ = [
@@ -38,13 +36,7 @@ __all__ = [
     "warn_once_no_calibration",
 ]
 
-MAX_DICOM_PIXELS: int = 250_000_000
-"""Largest number of pixels (frames * rows * columns) :func:`read_dicom` decodes: 1 GB as
-float32. Each frame must also stay under :data:`nerveseg.data.io.MAX_IMAGE_PIXELS`."""
-
 NO_CALIBRATION_MESSAGE = "no calibration: areas in pixels only; pass --mm-per-pixel or use calibrated DICOM"
-
-# ITU-R 601-2 luminance, the same weights as nerveseg.data.io uses for RGB images.
 
 # DICOM PS3.3 C.8.5.5.1: (0018,6024) Physical Units X/Y Direction, 3 = cm.
 _UNITS_CM = 3
@@ -371,246 +363,3 @@ def dicom_spacing(
             raise InputError(path, f"PixelSpacing {row_mm:g}\\{col_mm:g} is not a positive pixel size",
                              "fix the header or pass --mm-per-pixel") from None
     return None
-
-
-# ------------------------------------------------------------------------------------------------
-# Reading DICOM files
-# ------------------------------------------------------------------------------------------------
-
-
-def _check_file(path: Path) -> None:
-    if not path.exists():
-        raise InputError(path, "DICOM file not found", "check the path and the file name")
-    if not path.is_file():
-        raise InputError(path, "is not a file (expected a DICOM file)", "give the path of a file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "is empty (zero-size file)", "copy the file again; it was not written completely")
-
-
-def _dcmread(path: Path, stop_before_pixels: bool) -> Any:
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-
-    _check_file(path)
-    try:
-        return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
-    except InvalidDicomError as e:
-        raise InputError(path, "is not a DICOM file (no DICM marker after the 128-byte preamble)",
-                         "give a DICOM file, or an image file (PNG, JPEG, TIFF, BMP)") from e
-    except MemoryError:
-        raise
-    except Exception as e:  # truncated or corrupt: EOFError, struct.error, ValueError, ...
-        raise InputError(path, f"is a corrupt or truncated DICOM file ({type(e).__name__}: {e})",
-                         "copy or export the file again") from e
-
-
-def read_dicom_header(path: str | Path) -> Any:
-    """The DICOM dataset without its pixel data (cheap), for :func:`dicom_spacing` with a roi.
-
-    Raises InputError for a missing, non-DICOM or corrupt file.
-    """
-    return _dcmread(Path(path), stop_before_pixels=True)
-
-
-def _pip_names(requirement: str) -> str:
-    """``"pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1"`` -> ``"pylibjpeg pylibjpeg-libjpeg"``."""
-    _, _, needs = requirement.partition("requires")
-    names = [re.split(r"[<>=!~ ]", part.strip(), maxsplit=1)[0] for part in needs.split(" and ")]
-    return " ".join(n for n in names if n and n != "numpy")
-
-
-def _decoder_missing(path: Path, tsyntax: Any, missing: list[str]) -> InputError:
-    options = [_pip_names(m) for m in missing]
-    options = [o for o in options if o]
-    preferred = [o for o in options if o.startswith("pylibjpeg")] + [o for o in options if o == "pillow"]
-    suggestion = preferred[0] if preferred else (options[0] if options else "pylibjpeg pylibjpeg-libjpeg")
-    every = "; ".join(missing) if missing else "a pydicom decoder plugin"
-    return InputError(
-        path,
-        f"pixel data is compressed with {tsyntax.name} ({tsyntax}), and no installed decoder can read it",
-        f"pip install {suggestion} (any one of: {every}), or export the file uncompressed",
-    )
-
-
-def _decode(path: Path, ds: Any) -> tuple[np.ndarray, dict]:
-    """Pixel data as pydicom returns it, plus the pixel properties that describe that array.
-
-    ``Decoder.as_array`` is what ``Dataset.pixel_array`` runs (same defaults), but it also says
-    which photometric interpretation the returned array has. That matters for YCbCr: pydicom 3
-    converts YBR_FULL and YBR_FULL_422 to RGB by default (compressed or not), and a JPEG
-    plugin may already have done so; converting again would shift every colour.
-    """
-    from pydicom.pixels import get_decoder
-    from pydicom.uid import UID
-
-    file_meta = getattr(ds, "file_meta", None)
-    tsyntax = UID(str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else ""))
-    if not tsyntax:
-        raise InputError(path, "has no Transfer Syntax UID in its file meta information",
-                         "re-save the file with a DICOM tool (e.g. dcmconv, gdcmconv)")
-    try:
-        decoder = get_decoder(tsyntax)
-    except NotImplementedError:
-        raise InputError(
-            path,
-            f"pixel data uses {tsyntax.name} ({tsyntax}), which pydicom cannot decode (e.g. an MPEG/H.264 cine loop)",
-            "export the frames uncompressed or as PNG images from the scanner or PACS",
-        ) from None
-    if not decoder.is_available:
-        raise _decoder_missing(path, tsyntax, list(decoder.missing_dependencies))
-    try:
-        arr, props = decoder.as_array(ds)
-    except MemoryError:
-        raise
-    except Exception as e:
-        raise InputError(path, f"pixel data cannot be decoded ({tsyntax.name}: {type(e).__name__}: {e})",
-                         "copy or export the file again, or export it uncompressed") from e
-    return arr, dict(props)
-
-
-def _frames_axis(arr: np.ndarray, samples: int) -> np.ndarray:
-    """Give every array a leading frame axis: (N, H, W) or (N, H, W, samples)."""
-    single = 2 if samples == 1 else 3
-    if arr.ndim == single:
-        return arr[np.newaxis]
-    return arr
-
-
-def _unit_scale(path: Path, arr: np.ndarray, bits: int, signed: bool) -> np.ndarray:
-    """Stored values -> float32 in [0, 1] by the full range of ``bits`` (signed: shifted by its min)."""
-    if arr.dtype.kind == "f":
-        raise InputError(path, "holds floating-point pixel data, which has no fixed grey range",
-                         "export the image as 8- or 16-bit integer pixel data")
-    bits = max(1, min(int(bits), 32))
-    out = arr.astype(np.float64 if bits > 24 else np.float32)
-    if signed:
-        out += 2.0 ** (bits - 1)
-    out /= 2.0 ** bits - 1.0
-    np.clip(out, 0.0, 1.0, out=out)
-    return out.astype(np.float32, copy=False)
-
-
-def _frame_time_ms(ds: Any) -> float | None:
-    """Time between frames in ms: FrameTime, else from CineRate or RecommendedDisplayFrameRate."""
-    frame_time = _float_or_none(ds, "FrameTime")
-    if frame_time is not None and frame_time > 0:
-        return frame_time
-    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
-        rate = _float_or_none(ds, keyword)
-        if rate is not None and rate > 0:
-            return 1000.0 / rate
-    return None
-
-
-def read_dicom(path: str | Path) -> tuple[np.ndarray, Spacing | None, dict]:
-    """Read the frames of a DICOM file as grey float images, with the file's pixel size.
-
-    Parameters
-    ----------
-    path : str or Path
-        A DICOM file (Part 10, with preamble), single- or multi-frame, uncompressed or
-        compressed with a transfer syntax an installed pydicom plugin decodes.
-
-    Returns
-    -------
-    frames : np.ndarray
-        float32 ``(N, H, W)`` in [0, 1]; N = 1 for a single frame. Values are divided by the
-        full range of Bits Stored (8 bits: /255, 12 bits: /4095); signed data is first shifted
-        by its minimum (+2^(bits-1)). MONOCHROME2 is kept, MONOCHROME1 inverted (so bright is
-        always echogenic), RGB becomes ITU-R 601-2 luminance (0.299, 0.587, 0.114) as for
-        image files, YBR_FULL/YBR_FULL_422 is converted to RGB first, and PALETTE COLOR is
-        looked up through its palette first. Modality/VOI LUTs are not applied.
-    spacing : Spacing or None
-        :func:`dicom_spacing` for the whole image. None when the file has no calibration, or
-        when it has several calibrated regions that disagree; then ``meta["spacing_problem"]``
-        says so, and ``dicom_spacing(read_dicom_header(path), roi=mask_roi(mask))`` gives the
-        pixel size of the region a mask lies in.
-    meta : dict
-        ``n_frames``, ``photometric`` (as stored in the file), ``frame_time_ms`` (FrameTime,
-        else 1000 / CineRate, else 1000 / RecommendedDisplayFrameRate, else None),
-        ``modality`` (e.g. "US", None when absent) and ``spacing_problem`` (None or a message).
-
-    Raises
-    ------
-    InputError
-        Missing, empty, non-DICOM or corrupt file; no pixel data; a compression no installed
-        plugin decodes (the message names the transfer syntax and the package to install);
-        an unsupported photometric interpretation; too many pixels.
-    """
-    path = Path(path)
-    ds = _dcmread(path, stop_before_pixels=False)
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        raise InputError(path, "holds no pixel data (it is not an image, e.g. a report or DICOMDIR)",
-                         "give the DICOM image file")
-    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
-        raise InputError(path, "holds floating-point pixel data, which has no fixed grey range",
-                         "export the image as 8- or 16-bit integer pixel data")
-    rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
-    n_declared = _int_or_none(ds, "NumberOfFrames") or 1
-    if rows <= 0 or cols <= 0:
-        raise InputError(path, f"image has zero size ({rows}x{cols})", "remove or replace the file")
-    if rows * cols > MAX_IMAGE_PIXELS:
-        raise InputError(path, f"frame is too large ({rows * cols:,} pixels); the limit is {MAX_IMAGE_PIXELS:,}",
-                         "downsample or crop the image to the ultrasound field of view")
-    if rows * cols * n_declared > MAX_DICOM_PIXELS:
-        raise InputError(path, f"{n_declared} frames of {rows}x{cols} are too many pixels to load "
-                               f"({rows * cols * n_declared:,}; the limit is {MAX_DICOM_PIXELS:,})",
-                         "export fewer frames (e.g. split the cine loop)")
-
-    stored_pi = str(ds.get("PhotometricInterpretation", "")).strip()
-    arr, props = _decode(path, ds)
-    pi = str(props.get("photometric_interpretation", stored_pi)).strip()
-    samples = int(props.get("samples_per_pixel", ds.get("SamplesPerPixel", 1)) or 1)
-    bits = int(props.get("bits_stored", ds.get("BitsStored", ds.get("BitsAllocated", 8))) or 8)
-    signed = int(props.get("pixel_representation", ds.get("PixelRepresentation", 0)) or 0) == 1
-    arr = _frames_axis(arr, samples)
-
-    if pi in ("YBR_FULL", "YBR_FULL_422") and samples == 3:
-        from pydicom.pixels import convert_color_space
-
-        if arr.dtype != np.uint8:
-            raise InputError(path, f"{pi} pixel data with {bits} bits stored cannot be converted to RGB",
-                             "export the image as RGB or grey")
-        arr = convert_color_space(arr, pi, "RGB")
-        pi = "RGB"
-
-    if pi == "MONOCHROME2" and samples == 1:
-        frames = _unit_scale(path, arr, bits, signed)
-    elif pi == "MONOCHROME1" and samples == 1:
-        frames = 1.0 - _unit_scale(path, arr, bits, signed)
-    elif pi == "RGB" and samples == 3:
-        frames = _unit_scale(path, arr, bits, signed) @ LUMA_WEIGHTS
-    elif pi == "PALETTE COLOR" and samples == 1:
-        from pydicom.pixels import apply_color_lut
-
-        try:
-            rgb = apply_color_lut(arr, ds)
-        except MemoryError:
-            raise
-        except Exception as e:
-            raise InputError(path, f"its palette colour lookup table cannot be applied ({e})",
-                             "export the image as RGB or grey") from e
-        lut_bits = 16
-        descriptor = ds.get("RedPaletteColorLookupTableDescriptor")
-        if descriptor is not None and len(descriptor) == 3 and int(descriptor[2]) in (8, 16):
-            lut_bits = int(descriptor[2])
-        if rgb.size and int(rgb.max()) > 2 ** lut_bits - 1:  # 8-bit descriptor, 16-bit entries
-            lut_bits = 16
-        frames = _unit_scale(path, rgb[..., :3], lut_bits, False) @ LUMA_WEIGHTS
-    else:
-        raise InputError(path, f"unsupported photometric interpretation '{pi}' with {samples} sample(s) per pixel",
-                         "export the image as MONOCHROME2 grey or RGB")
-
-    spacing_problem = None
-    try:
-        spacing = dicom_spacing(ds, path=path)
-    except InputError as e:
-        spacing, spacing_problem = None, e.problem
-    meta = {
-        "n_frames": int(frames.shape[0]),
-        "photometric": stored_pi,
-        "frame_time_ms": _frame_time_ms(ds),
-        "modality": str(ds.get("Modality", "") or "").strip() or None,
-        "spacing_problem": spacing_problem,
-    }
-    return np.ascontiguousarray(frames, dtype=np.float32), spacing, meta

@@ -13,25 +13,16 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from ..data.io import IMAGE_EXTENSIONS, read_image
 from ..data.labelme import write_labelme
+from ..data.media import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, read_dicom_header, read_media
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
-from .calibration import (
-    Spacing,
-    dicom_spacing,
-    mask_roi,
-    read_dicom,
-    read_dicom_header,
-    resolve_spacing,
-    warn_once_no_calibration,
-)
+from .calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing, warn_once_no_calibration
 from .measure import MEASUREMENT_FIELDS, POSTPROCESS_MODES, measurement_rows, postprocess
 from .overlay import make_overlay, save_png
-from .video import VIDEO_EXTENSIONS, VideoWriter, read_video_frames, video_info
+from .video import VideoWriter
 
-DICOM_EXTENSIONS = (".dcm", ".dicom")
-SUPPORTED_EXTENSIONS = IMAGE_EXTENSIONS + DICOM_EXTENSIONS + VIDEO_EXTENSIONS
+SUPPORTED_EXTENSIONS = MEDIA_EXTENSIONS  # DICOM_EXTENSIONS is imported from data.media for callers
 
 
 @dataclass
@@ -63,16 +54,6 @@ class SegmentResult:
     videos: list[dict] = field(default_factory=list)  # per cine loop: file, frames, fps achieved
 
 
-def _is_dicom(path: Path) -> bool:
-    if path.suffix.lower() in DICOM_EXTENSIONS:
-        return True
-    if path.suffix:
-        return False
-    with open(path, "rb") as f:  # extension-less files from PACS exports: look for the DICM magic
-        f.seek(128)
-        return f.read(4) == b"DICM"
-
-
 def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[InputError]]:
     """Files as given, folders expanded to their supported files (sorted); missing paths reported."""
     files, problems = [], []
@@ -88,21 +69,6 @@ def expand_inputs(paths: Iterable[str | Path]) -> tuple[list[Path], list[InputEr
         else:
             problems.append(InputError(p, "no such file or folder", "check the path"))
     return files, problems
-
-
-def _open(path: Path) -> tuple[Iterator[np.ndarray], Spacing | None, dict]:
-    """Frames of any supported input, the file's own calibration, and facts about it."""
-    suffix = path.suffix.lower()
-    if suffix in VIDEO_EXTENSIONS:
-        info = video_info(path)
-        return read_video_frames(path), None, {"kind": "video", **info}
-    if _is_dicom(path):
-        frames, spacing, meta = read_dicom(path)
-        fps = 1000.0 / meta["frame_time_ms"] if meta.get("frame_time_ms") else None
-        return iter(frames), spacing, {"kind": "dicom", "n_frames": len(frames), "fps": fps, **meta}
-    if suffix in IMAGE_EXTENSIONS:
-        return iter([read_image(path)]), None, {"kind": "image", "n_frames": 1, "fps": None}
-    raise InputError(path, f"unsupported file type {suffix or '(none)'}", f"supported: {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
 def class_columns(name: str) -> tuple[str, ...]:
@@ -166,8 +132,9 @@ def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray
 
 def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOptions, log) -> tuple[list[dict], dict | None]:
     """Segment every frame of one input; returns its measurement rows and, for cine loops, stats."""
-    frames, file_spacing, meta = _open(path)
-    spacing = resolve_spacing(options.spacing, file_spacing, path, log)
+    media = read_media(path)
+    frames, meta = media.frames(), media.meta
+    spacing = resolve_spacing(options.spacing, media.spacing, path, log)
     header = None
     if spacing is None and meta.get("spacing_problem"):
         header = read_dicom_header(path)  # regions disagree: choose the region around each mask

@@ -1,51 +1,18 @@
-"""Cine loops: reading MP4/AVI/MOV with PyAV (its wheel ships FFmpeg, so no system codec is
-needed) and writing overlay videos (H.264, falling back to MPEG-4 Part 2)."""
+"""Overlay videos out (H.264, falling back to MPEG-4 Part 2) with PyAV, whose wheel ships FFmpeg.
+
+Cine loops are read in :mod:`nerveseg.data.media`; ``VIDEO_EXTENSIONS``, ``video_info`` and
+``read_video_frames`` are re-exported from there for existing callers.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
-from ..data.io import LUMA_WEIGHTS
-from ..errors import InputError
+from ..data.media import VIDEO_EXTENSIONS, _av, read_video_frames, video_info
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v")
-
-
-def _av():
-    try:
-        import av
-    except ImportError:  # pragma: no cover - av is a dependency
-        raise InputError(None, "reading video needs PyAV", "pip install av") from None
-    return av
-
-
-def video_info(path: str | Path) -> dict:
-    """Frame count (may be 0 when the container does not say), frame rate, size."""
-    av = _av()
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate) if stream.average_rate else None
-            return {"n_frames": int(stream.frames or 0), "fps": rate, "width": stream.width, "height": stream.height}
-    except av.error.FFmpegError as exc:
-        raise InputError(path, f"cannot open video ({exc})", "check the file is a complete MP4/AVI") from None
-
-
-def read_video_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield each frame as float32 (H, W) grey in [0, 1] (luminance of the decoded RGB)."""
-    av = _av()
-    try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
-                yield (rgb @ LUMA_WEIGHTS) / 255.0
-    except av.error.FFmpegError as exc:
-        raise InputError(path, f"video decoding failed ({exc})", "re-export the cine loop; frames read so far are kept") from None
+__all__ = ["VIDEO_EXTENSIONS", "VideoWriter", "read_video_frames", "video_info"]
 
 
 class VideoWriter:

@@ -1,8 +1,8 @@
 """Cases held by the server: an uploaded file's frames, probabilities, label maps and
 measurements, in a store bounded by count and bytes.
 
-A case is made by :func:`segment_upload`, which reads the file with the same readers as
-``nerveseg segment`` (``inference.segment``), resolves the pixel size the same way, and
+A case is made by :func:`segment_upload`, which reads the file with the same reader as
+``nerveseg segment`` (``data.media.read_media``), resolves the pixel size the same way, and
 measures with ``inference.measure``; only the outputs stay in memory instead of on disk.
 """
 
@@ -19,10 +19,11 @@ from typing import Any, Callable
 import numpy as np
 from scipy import ndimage
 
+from ..data.media import read_dicom_header, read_media
 from ..errors import InputError
-from ..inference.calibration import Spacing, dicom_spacing, mask_roi, read_dicom_header, resolve_spacing
+from ..inference.calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing
 from ..inference.measure import measurement_rows, postprocess
-from ..inference.segment import SegmentOptions, _open
+from ..inference.segment import SegmentOptions
 from .images import NERVE, VESSEL
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9_-]{16,32}$"
@@ -146,8 +147,9 @@ def segment_upload(
         return InputError(name, scrub(exc.problem), scrub(exc.fix))
 
     try:
-        frames_iter, file_spacing, meta = _open(path)
-        spacing = resolve_spacing(options.spacing, file_spacing, name, log=warnings.append)
+        media = read_media(path)
+        frames_iter, meta = media.frames(), media.meta
+        spacing = resolve_spacing(options.spacing, media.spacing, name, log=warnings.append)
         header = None
         if spacing is None and meta.get("spacing_problem"):
             header = read_dicom_header(path)

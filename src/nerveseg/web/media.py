@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncIterator
 
+from ..data.media import looks_like_dicom
 from ..errors import InputError
 
 SNIFF_BYTES = 132  # DICOM's "DICM" marker sits after a 128-byte preamble
@@ -37,7 +38,12 @@ KINDS = {
 
 
 def sniff(head: bytes) -> Kind | None:
-    """The file type from its magic bytes, or None when it is none nerveseg reads."""
+    """The file type from its magic bytes, or None when it is none nerveseg reads.
+
+    DICOM's marker is checked first: a DICOM preamble may itself be a TIFF header (dual-format
+    files). A data set without the preamble is recognised by its first element."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return KINDS["dicom"]
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
         return KINDS["png"]
     if head.startswith(b"\xff\xd8\xff"):
@@ -46,14 +52,14 @@ def sniff(head: bytes) -> Kind | None:
         return KINDS["tiff"]
     if head.startswith(b"BM") and len(head) >= 26:
         return KINDS["bmp"]
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return KINDS["dicom"]
     if len(head) >= 12 and head[4:8] == b"ftyp":  # ISO base media: MP4, MOV, M4V
         return KINDS["mp4"]
     if len(head) >= 12 and head[:4] == b"RIFF" and head[8:12] == b"AVI ":
         return KINDS["avi"]
     if head.startswith(b"\x1a\x45\xdf\xa3"):  # Matroska / WebM
         return KINDS["mkv"]
+    if looks_like_dicom(head):
+        return KINDS["dicom"]
     return None
 
 
