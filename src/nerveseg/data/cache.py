@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from .io import check_mask_not_empty, read_image, read_mask
+from .io import check_mask_not_empty, read_mask
+from .media import read_frame
 from .preprocess import image_stats, letterbox, letterbox_mask
 from .samples import Sample
 
@@ -51,7 +52,7 @@ def load_tensor_set(
     stems, images, masks, stats, problems = [], [], [], [], []
     for sample in samples:
         try:
-            image = read_image(sample.image_path)
+            image = read_frame(sample.image_path, sample.frame)[0]  # a still, a DICOM or a cine frame
             channels = [read_mask(sample.mask_path, label=lab, image_shape=image.shape) for lab in labels]
             if not allow_empty:
                 check_mask_not_empty(channels[0], sample.mask_path, labels[0])

@@ -21,7 +21,8 @@ from PIL import Image
 
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_path, atomic_write_json
-from .io import check_mask_not_empty, read_image, read_mask
+from .io import check_mask_not_empty, read_mask
+from .media import read_frame
 from .samples import discover_samples, fold_assignment
 
 
@@ -59,7 +60,7 @@ def export_nnunet(
     for sample in samples:
         case = nnunet_case_name(sample.stem)
         try:
-            image = read_image(sample.image_path)
+            image = read_frame(sample.image_path, sample.frame)[0]
             mask = read_mask(sample.mask_path, label=label, image_shape=image.shape)
             check_mask_not_empty(mask, sample.mask_path, label)
         except InputError as exc:

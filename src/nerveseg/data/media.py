@@ -289,7 +289,7 @@ def _transfer_syntax(path: Path, ds: Any) -> Any:
     tsyntax = UID(str(file_meta.get("TransferSyntaxUID", "") if file_meta is not None else ""))
     if tsyntax:
         return tsyntax
-    element = ds.get("PixelData")
+    element = ds.data_element("PixelData") if "PixelData" in ds else None
     encoding = getattr(ds, "original_encoding", (None, None))
     if element is not None and not element.is_undefined_length and None not in encoding:
         implicit, little = encoding

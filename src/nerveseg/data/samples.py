@@ -3,8 +3,12 @@
 Layout::
 
     data_dir/
-        images/<stem>.png|.jpg|.tif|.bmp
-        masks/<stem>.png|.tif|.bmp|.json   (LabelMe)
+        images/<stem>.png|.jpg|.tif|.bmp|.dcm        still images and single-frame DICOM
+        images/<loop>.mp4|.avi|.dcm|...              cine loops (video or multi-frame DICOM)
+        masks/<stem>.png|.tif|.bmp|.json             (LabelMe) the mask of a still
+        masks/<loop>/frame_00012.png|.json           a labelled frame of a cine loop (0-based, as
+                                                     `nerveseg segment` numbers frames); only
+                                                     labelled frames become samples
         manifest.csv                       (optional: file, subject, device, region, side, split)
 
 Images of one subject are strongly correlated, so every split here is grouped by subject: a
@@ -14,6 +18,7 @@ subject is never in both train and validation, which would inflate validation sc
 from __future__ import annotations
 
 import csv
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +26,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from nerveseg.data.io import IMAGE_EXTENSIONS, MASK_EXTENSIONS
+from nerveseg.data.io import MASK_EXTENSIONS
+from nerveseg.data.media import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 from nerveseg.errors import ConfigError, InputError
 
 __all__ = [
@@ -45,6 +51,8 @@ a typo such as ``testing`` is refused rather than letting test images leak into 
 _MASK_PREFERENCE = (".png", ".tif", ".tiff", ".bmp", ".json")
 # Files that operating systems drop into folders; not the user's data.
 _JUNK_NAMES = {"thumbs.db", "desktop.ini"}
+# masks/<loop>/frame_00012.png: the mask of frame 12 (0-based) of images/<loop>.*
+_FRAME_MASK = re.compile(r"frame_(\d+)")
 
 _LAYOUT = (
     "expected <data_dir>/images/ with one image per file and <data_dir>/masks/ with "
@@ -56,7 +64,10 @@ _LAYOUT = (
 class Sample:
     """One image and its mask, with the metadata used for grouping and reporting.
 
-    ``subject`` is the stem when unknown, so that splits are then by image.
+    ``subject`` is the stem when unknown, so that splits are then by image. ``frame`` is the
+    0-based frame of a cine loop (video or multi-frame DICOM) the mask labels, None for a still;
+    a labelled frame's ``stem`` is ``<loop>_frame_NNNNN`` and its subject defaults to the loop,
+    so frames of one loop are never split between train and validation.
     """
 
     stem: str
@@ -67,6 +78,7 @@ class Sample:
     region: str = ""
     side: str = ""
     split: str = ""
+    frame: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -81,7 +93,7 @@ def _stem_of(name: str) -> str:
     """
     base = Path(name.strip().replace("\\", "/")).name
     suffix = Path(base).suffix.lower()
-    if suffix in IMAGE_EXTENSIONS or suffix in MASK_EXTENSIONS:
+    if suffix in MEDIA_EXTENSIONS or suffix in MASK_EXTENSIONS:
         return base[: -len(suffix)]
     return base
 
@@ -165,11 +177,15 @@ def _is_junk(entry: Path) -> bool:
 
 
 def _list_files(folder: Path, allowed: Sequence[str], kind: str,
-                problems: list[InputError]) -> dict[str, list[Path]]:
-    """Group the usable files of ``folder`` by stem; report what cannot be used."""
+                problems: list[InputError], folders: dict[str, Path] | None = None) -> dict[str, list[Path]]:
+    """Group the usable files of ``folder`` by stem; report what cannot be used. Subfolders go
+    into ``folders`` (name -> path) when it is given, else they are reported."""
     by_stem: dict[str, list[Path]] = defaultdict(list)
     for entry in sorted(folder.iterdir()):
         if _is_junk(entry):
+            continue
+        if entry.is_dir() and folders is not None:
+            folders[entry.name] = entry
             continue
         if entry.is_dir():
             problems.append(InputError(entry, f"is a folder inside {folder.name}/; subfolders are not searched",
@@ -221,8 +237,9 @@ def discover_samples(data_dir: str | Path, require_masks: bool = True) -> tuple[
         raise InputError(masks_dir, "masks folder not found", _LAYOUT)
 
     problems: list[InputError] = []
-    image_files = _list_files(images_dir, IMAGE_EXTENSIONS, "image", problems)
-    mask_files = _list_files(masks_dir, MASK_EXTENSIONS, "mask", problems) if masks_dir.is_dir() else {}
+    image_files = _list_files(images_dir, MEDIA_EXTENSIONS, "image", problems)
+    frame_dirs: dict[str, Path] = {}
+    mask_files = _list_files(masks_dir, MASK_EXTENSIONS, "mask", problems, frame_dirs) if masks_dir.is_dir() else {}
 
     manifest_path = data_dir / MANIFEST_NAME
     manifest = read_manifest(manifest_path) if manifest_path.is_file() else {}
@@ -239,29 +256,83 @@ def discover_samples(data_dir: str | Path, require_masks: bool = True) -> tuple[
             continue
         masks = sorted(mask_files.get(stem, []), key=lambda p: _MASK_PREFERENCE.index(p.suffix.lower()))
         mask_path = masks[0] if masks else None
+        meta = manifest.get(stem, {})
+        details = dict(subject=meta.get("subject") or stem, device=meta.get("device", ""),
+                       region=meta.get("region", ""), side=meta.get("side", ""), split=meta.get("split", ""))
+        if stem in frame_dirs or files[0].suffix.lower() in VIDEO_EXTENSIONS:
+            frames = _frame_samples(stem, files[0], mask_path, frame_dirs.get(stem), require_masks, problems)
+            samples.extend(Sample(stem=f, image_path=files[0], mask_path=m, frame=i, **details) for f, m, i in frames)
+            continue
         if mask_path is None and require_masks:
             problems.append(InputError(files[0], "has no mask",
                                        f"add masks/{stem}.png or remove the image"))
             continue
-        meta = manifest.get(stem, {})
-        samples.append(Sample(
-            stem=stem,
-            image_path=files[0],
-            mask_path=mask_path,
-            subject=meta.get("subject") or stem,
-            device=meta.get("device", ""),
-            region=meta.get("region", ""),
-            side=meta.get("side", ""),
-            split=meta.get("split", ""),
-        ))
+        samples.append(Sample(stem=stem, image_path=files[0], mask_path=mask_path, **details))
+
+    seen: dict[str, Sample] = {}
+    for sample in list(samples):  # a still named like a labelled frame: which is meant is unknown
+        if sample.stem in seen:
+            problems.append(InputError(sample.image_path, f"gives the sample name '{sample.stem}', as "
+                                       f"{seen[sample.stem].image_path.name} does", "rename one of them"))
+            samples = [s for s in samples if s.stem != sample.stem]
+        seen[sample.stem] = sample
+    samples.sort(key=lambda s: s.stem)
 
     for stem in sorted(set(mask_files) - set(image_files)):
         problems.append(InputError(mask_files[stem][0], "has no matching image in images/",
                                    f"add images/{stem}.png or remove the mask"))
+    for stem in sorted(set(frame_dirs) - set(image_files)):
+        problems.append(InputError(frame_dirs[stem], "is a folder of frame masks with no matching cine loop in images/",
+                                   f"add images/{stem}.mp4 (or .dcm) or remove the folder"))
     for stem in sorted(set(manifest) - set(image_files)):
         problems.append(InputError(manifest_path, f"lists '{stem}', which is not in images/",
                                    "remove the row or add the image"))
     return samples, problems
+
+
+def _frame_samples(stem: str, image: Path, mask_file: Path | None, folder: Path | None,
+                   require_masks: bool, problems: list[InputError]) -> list[tuple[str, Path | None, int | None]]:
+    """(sample stem, mask, frame) of each labelled frame of a cine loop in ``masks/<stem>/``."""
+    suffix = image.suffix.lower()
+    if folder is not None and suffix not in DICOM_EXTENSIONS + VIDEO_EXTENSIONS:
+        problems.append(InputError(folder, f"is a folder of frame masks, but images/{image.name} is a still image",
+                                   f"name its mask masks/{stem}.png"))
+        return []
+    if folder is not None and mask_file is not None:
+        problems.append(InputError(folder, f"and {mask_file.name} both label images/{image.name}",
+                                   "keep the folder (frames of a cine loop) or the file (a single-frame image)"))
+        return []
+    if folder is None:  # a video with a single mask file, or none
+        if mask_file is not None:
+            problems.append(InputError(mask_file, f"is one mask for the cine loop images/{image.name}",
+                                       f"put one mask per labelled frame in masks/{stem}/frame_NNNNN.png (frame 0 is the first)"))
+            return []
+        if require_masks:
+            problems.append(InputError(image, "has no frame masks",
+                                       f"add masks/{stem}/frame_NNNNN.png for its labelled frames or remove the loop"))
+            return []
+        return [(stem, None, None)]
+    by_frame: dict[int, list[Path]] = defaultdict(list)
+    for entry in sorted(folder.iterdir()):
+        if _is_junk(entry):
+            continue
+        match = _FRAME_MASK.fullmatch(entry.stem)
+        if not entry.is_file() or match is None or entry.suffix.lower() not in MASK_EXTENSIONS:
+            problems.append(InputError(entry, "is not a frame mask",
+                                       f"name frame masks frame_NNNNN.png or .json ({', '.join(MASK_EXTENSIONS)}); "
+                                       "NNNNN is the 0-based frame"))
+            continue
+        by_frame[int(match.group(1))].append(entry)
+    if not by_frame:
+        if require_masks:
+            problems.append(InputError(folder, "holds no frame masks", "add frame_NNNNN.png files or remove the folder"))
+            return []
+        return [(stem, None, None)]
+    frames = []
+    for index in sorted(by_frame):
+        masks = sorted(by_frame[index], key=lambda p: _MASK_PREFERENCE.index(p.suffix.lower()))
+        frames.append((f"{stem}_frame_{index:05d}", masks[0], index))
+    return frames
 
 
 # ------------------------------------------------------------------------------------------------

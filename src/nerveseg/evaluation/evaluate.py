@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..data.io import read_image, read_mask
+from ..data.io import read_mask
+from ..data.media import read_frame
 from ..data.samples import discover_samples
 from ..errors import ConfigError, InputError
 from ..inference.overlay import make_overlay, save_png
@@ -110,7 +111,7 @@ def evaluate_samples(
     problems = []
     for sample in tqdm(samples, disable=not progress, desc="evaluate", unit="img"):
         try:
-            image = read_image(sample.image_path)
+            image, file_spacing, _ = read_frame(sample.image_path, sample.frame)
             truths = [read_mask(sample.mask_path, label=lab, image_shape=image.shape) for lab in labels]
         except InputError as exc:
             problems.append(exc)
@@ -118,10 +119,18 @@ def evaluate_samples(
         probs = predictor.predict_classes(image) if hasattr(predictor, "predict_classes") else predictor.predict(image)[None]
         for name, prob, truth in zip(names, probs, truths):
             rocs[name].update(prob, truth)
-            rows[name].append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold, spacing=spacing)})
+            rows[name].append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold,
+                                                                    spacing=_spacing(spacing, file_spacing))})
         if overlays:
             save_png(make_overlay(image, probs[0] >= threshold, truths[0]), out / "overlays" / f"{sample.stem}.png")
     return rows, rocs, problems
+
+
+def _spacing(user, file_spacing):
+    """Pixel size for HD in mm: ``--mm-per-pixel`` when given, else the file's own (DICOM), else None."""
+    if user is not None or file_spacing is None:
+        return user
+    return (file_spacing.row_mm, file_spacing.col_mm)
 
 
 def write_per_image(path: Path, rows: list[dict], fields=PER_IMAGE_FIELDS) -> None:
@@ -280,13 +289,13 @@ def evaluate_prediction_folder(
             unmatched += 1
             continue
         try:
-            image = read_image(sample.image_path)
+            image, file_spacing, _ = read_frame(sample.image_path, sample.frame)
             truth = read_mask(sample.mask_path, label=label, image_shape=image.shape)
             pred = read_mask(path, label=pred_label, image_shape=image.shape)
         except InputError as exc:
             problems.append(exc)
             continue
-        metrics = image_metrics(pred.astype(np.float32), truth, threshold=0.5, spacing=spacing)
+        metrics = image_metrics(pred.astype(np.float32), truth, threshold=0.5, spacing=_spacing(spacing, file_spacing))
         metrics["auc"] = math.nan  # a binary mask has no ranking to score
         rows.append({"stem": sample.stem, **metrics})
     for problem in problems:
