@@ -1,4 +1,5 @@
-"""Data on disk: reading images and masks, LabelMe annotations, finding and splitting samples."""
+"""Data on disk: reading images, DICOM, cine loops and masks, LabelMe annotations, finding and
+splitting samples."""
 
 from nerveseg.data.io import (
     IMAGE_EXTENSIONS,
@@ -10,6 +11,7 @@ from nerveseg.data.io import (
     read_mask,
 )
 from nerveseg.data.labelme import read_labelme_mask, write_labelme
+from nerveseg.data.media import MEDIA_EXTENSIONS, Media, read_frame, read_media
 from nerveseg.data.samples import (
     Sample,
     discover_samples,
@@ -22,6 +24,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_EXTENSIONS",
     "MAX_IMAGE_PIXELS",
+    "MEDIA_EXTENSIONS",
+    "Media",
     "Sample",
     "check_mask_not_empty",
     "discover_samples",
@@ -29,8 +33,10 @@ __all__ = [
     "image_size",
     "read_image",
     "read_labelme_mask",
+    "read_frame",
     "read_manifest",
     "read_mask",
+    "read_media",
     "split_samples",
     "write_labelme",
 ]
