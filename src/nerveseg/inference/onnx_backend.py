@@ -491,6 +491,7 @@ class OnnxPredictor(ProbabilityPredictor):
         optimization_level: str | None = None,
         native_ops: bool = False,
         tta: bool | None = None,
+        allow_spinning: bool = True,
     ):
         ort = _import_onnxruntime()
         self._init_pipeline(config, tta)
@@ -500,6 +501,10 @@ class OnnxPredictor(ProbabilityPredictor):
             raise ConfigError(f"unknown onnxruntime optimization level {self.optimization_level!r}")
         options = ort.SessionOptions()
         options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, self.optimization_level)
+        if not allow_spinning:
+            # idle threads sleep instead of spinning: with several sessions in one process (an
+            # ensemble's members run one after another) spinning pools steal each other's cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if intra_op_num_threads is not None:
             if intra_op_num_threads < 1:
                 raise ConfigError(f"intra_op_num_threads must be >= 1, got {intra_op_num_threads}")
@@ -537,6 +542,7 @@ class OnnxPredictor(ProbabilityPredictor):
         intra_op_num_threads: int | None = None,
         opset: int = DEFAULT_OPSET,
         native: bool | None = None,
+        allow_spinning: bool = True,
     ) -> "OnnxPredictor":
         """Load RUN/config.json and RUN/model.onnx, (re-)exporting model.onnx from
         RUN/model.safetensors when it is missing, was exported from other weights (SHA-256 of
@@ -558,19 +564,19 @@ class OnnxPredictor(ProbabilityPredictor):
         config = RunConfig.load(config_path)
         if config.members:
             return EnsemblePredictor.from_run(
-                run_dir, lambda member: cls.from_run(member, device, intra_op_num_threads, opset, native)
+                run_dir, lambda member: cls.from_run(member, device, intra_op_num_threads, opset, native, allow_spinning=False)
             )
         onnx_path, weights = run_dir / ONNX_FILENAME, run_dir / WEIGHTS_FILENAME
         if weights.is_file() and native is not False:
             native_path = _native_model(run_dir, config, device, opset, explicit=native is True)
             if native_path is not None:
-                return cls(native_path, config, device, intra_op_num_threads, native_ops=True)
+                return cls(native_path, config, device, intra_op_num_threads, native_ops=True, allow_spinning=allow_spinning)
         if not weights.is_file():
             if not onnx_path.is_file():
                 raise InputError(
                     weights, "weights file not found (and no model.onnx)", "point --model at a run folder written by `nerveseg train`"
                 )
-            return cls(onnx_path, config, device, intra_op_num_threads)
+            return cls(onnx_path, config, device, intra_op_num_threads, allow_spinning=allow_spinning)
         if not _cache_is_fresh(onnx_path, weights, config):
             model = _load_torch_model(run_dir, config)
             digest = weights_sha256(weights)
@@ -579,8 +585,8 @@ class OnnxPredictor(ProbabilityPredictor):
             except OSError as exc:  # read-only run folder: export to memory instead
                 warnings.warn(f"{onnx_path}: cannot write the ONNX cache ({exc}); exporting in memory", stacklevel=2)
                 proto = export_onnx_proto(model, opset, config=config, weights_hash=digest)
-                return cls(proto.SerializeToString(), config, device, intra_op_num_threads)
-        return cls(onnx_path, config, device, intra_op_num_threads)
+                return cls(proto.SerializeToString(), config, device, intra_op_num_threads, allow_spinning=allow_spinning)
+        return cls(onnx_path, config, device, intra_op_num_threads, allow_spinning=allow_spinning)
 
     def _run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
@@ -677,6 +683,7 @@ def load_predictor(
     backend: str = "auto",
     device: str = "auto",
     intra_op_num_threads: int | None = None,
+    allow_spinning: bool = True,
 ) -> Any:
     """A ``Predictor`` (backend "torch") or ``OnnxPredictor`` (backend "onnx") for a run folder.
 
@@ -691,13 +698,14 @@ def load_predictor(
 
     if read_run_config(Path(run_dir)).members:  # an ensemble: each member on the backend it gets
         return EnsemblePredictor.from_run(
-            run_dir, lambda member: load_predictor(member, backend, device, intra_op_num_threads)
+            run_dir, lambda member: load_predictor(member, backend, device, intra_op_num_threads, allow_spinning=False)
         )
 
     if backend == "torch":
         return Predictor.from_run(run_dir, device=device)
     if backend == "onnx":
-        return OnnxPredictor.from_run(run_dir, device=device, intra_op_num_threads=intra_op_num_threads)
+        return OnnxPredictor.from_run(run_dir, device=device, intra_op_num_threads=intra_op_num_threads,
+                                      allow_spinning=allow_spinning)
     # auto
     if not onnxruntime_available():
         return Predictor.from_run(run_dir, device=device)
@@ -710,7 +718,8 @@ def load_predictor(
     if needs_export and not _exporter_available():
         return Predictor.from_run(run_dir, device=device)
     try:
-        return OnnxPredictor.from_run(run_dir, device=device, intra_op_num_threads=intra_op_num_threads)
+        return OnnxPredictor.from_run(run_dir, device=device, intra_op_num_threads=intra_op_num_threads,
+                                      allow_spinning=allow_spinning)
     except (InputError, ConfigError):
         raise
     except Exception as exc:  # an export the exporter cannot handle: torch still works

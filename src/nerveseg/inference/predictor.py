@@ -65,11 +65,12 @@ class ProbabilityPredictor:
         raise NotImplementedError
 
     def _batch_probabilities(self, x: torch.Tensor, boxes) -> torch.Tensor:
-        prob = self.network_probabilities(x)
-        if self.tta:
-            mirrored = self.network_probabilities(mirror_content(x, boxes))
-            prob = 0.5 * (prob + mirror_content(mirrored, boxes))
-        return prob
+        if not self.tta:
+            return self.network_probabilities(x)
+        # the mirrored inputs ride in the same batch: one network call per member, not two
+        both = self.network_probabilities(torch.cat([x, mirror_content(x, boxes)]))
+        prob, mirrored = both[: len(x)], both[len(x) :]
+        return 0.5 * (prob + mirror_content(mirrored, boxes))
 
     @torch.inference_mode()
     def predict_classes_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
