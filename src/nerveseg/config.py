@@ -23,6 +23,10 @@ SCHEDULES = ("constant", "cosine", "poly")
 LOSSES = ("dice", "dice_ce")
 CHECKPOINTS = ("best", "last")
 
+MAX_MODEL_PARAMETERS = 100_000_000
+"""Largest network a run folder's config.json may describe (11x the largest registered network
+at its defaults): a config.json from elsewhere must not make nerveseg allocate gigabytes."""
+
 
 @dataclass
 class ModelConfig:
@@ -30,6 +34,12 @@ class ModelConfig:
 
     arch: str = "sa_unet"
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.arch, str) or not self.arch:
+            raise ConfigError(f"model.arch must be an architecture name, got {self.arch!r}")
+        if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
+            raise ConfigError(f"model.kwargs must be an object of constructor arguments, got {self.kwargs!r}")
 
 
 @dataclass
@@ -45,7 +55,7 @@ class PreprocessConfig:
     size: int = 256
 
     def __post_init__(self) -> None:
-        if not 16 <= self.size <= 4096 or self.size % 16:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 16 <= self.size <= 4096 or self.size % 16:
             raise ConfigError(f"size must be a multiple of 16 between 16 and 4096, got {self.size}")
 
 
@@ -142,7 +152,7 @@ class TrainConfig:
             raise ConfigError(f"unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+        if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.lr == float("inf"):
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
 
 
@@ -198,8 +208,53 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "RunConfig":
+        """Read and check a run's config.json. It may come from anywhere (a downloaded run folder),
+        so every problem is a ConfigError naming the file: unreadable or invalid JSON, wrong types,
+        invalid values, an unknown architecture, constructor arguments it does not take, or a
+        network larger than ``MAX_MODEL_PARAMETERS`` (checked on the meta device: nothing is
+        allocated)."""
         path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError, TypeError) as exc:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: JSON and UTF-8 errors
             raise ConfigError(f"{path}: cannot read run configuration ({exc})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a run configuration is a JSON object, got {type(data).__name__}")
+        for key in ("model", "preprocess", "data", "train", "inference"):
+            if not isinstance(data.get(key, {}), dict):
+                raise ConfigError(f"{path}: '{key}' must be an object, got {type(data[key]).__name__}")
+        for key in ("train_stems", "val_stems", "members"):
+            value = data.get(key, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"{path}: '{key}' must be a list of names")
+        try:
+            config = cls.from_dict(data)
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as exc:
+            raise ConfigError(f"{path}: cannot read run configuration ({type(exc).__name__}: {exc})") from None
+        check_model_config(config.model, path)
+        return config
+
+
+def check_model_config(model: ModelConfig, path: str | Path | None = None) -> int:
+    """Build ``model`` on the meta device (no memory is allocated) and return its parameter count;
+    ConfigError (naming ``path``) for an unknown architecture, arguments it refuses or a network
+    over ``MAX_MODEL_PARAMETERS``."""
+    import torch
+
+    from .models import create
+
+    where = f"{path}: " if path is not None else ""
+    try:
+        with torch.device("meta"):
+            network = create(model.arch, **model.kwargs)
+        n = sum(p.numel() for p in network.parameters())
+    except ConfigError as exc:
+        raise ConfigError(f"{where}{exc}") from None
+    except Exception as exc:  # constructors raise ValueError, RuntimeError, ... for bad values
+        raise ConfigError(f"{where}bad arguments for architecture {model.arch!r}: {type(exc).__name__}: {exc}") from None
+    if n > MAX_MODEL_PARAMETERS:
+        raise ConfigError(f"{where}architecture {model.arch!r} with {model.kwargs} has {n:,} parameters; "
+                          f"the limit is {MAX_MODEL_PARAMETERS:,}")
+    return n

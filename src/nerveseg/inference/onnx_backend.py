@@ -530,6 +530,30 @@ class OnnxPredictor(ProbabilityPredictor):
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
 
+    def _check_signature(self, config: RunConfig) -> None:
+        """InputError unless the graph takes one (B, C, H, W) image and gives one logit map per
+        class of ``config`` (an ONNX file from another run must not be used with this config)."""
+        where = self.path if self.path is not None else Path("model.onnx")
+        fix = "delete it to re-export from model.safetensors, or use the config.json saved with it"
+        inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
+        if len(inputs) != 1 or len(outputs) < 1:
+            raise InputError(where, f"the ONNX graph has {len(inputs)} inputs and {len(outputs)} outputs; "
+                                    "a nerveseg model has one image input and one logit output", fix)
+        shape_in, shape_out = list(inputs[0].shape), list(outputs[0].shape)
+        channels = config.model.kwargs.get("in_channels", 1)
+        if len(shape_in) != 4 or (isinstance(shape_in[1], int) and shape_in[1] != channels):
+            raise InputError(where, f"the ONNX input has shape {shape_in}; this model needs (batch, {channels}, height, width)", fix)
+        if inputs[0].type != "tensor(float)":
+            raise InputError(where, f"the ONNX input is {inputs[0].type}; nerveseg feeds float32", fix)
+        n_classes = len(config.data.class_names)
+        if len(shape_out) != 4 or (isinstance(shape_out[1], int) and shape_out[1] != n_classes):
+            raise InputError(where, f"the ONNX output has shape {shape_out}; the run's config.json has {n_classes} "
+                                    f"class(es) {list(config.data.class_names)}", fix)
+        arch = self.metadata.get("arch")
+        if arch is not None and arch != config.model.arch:
+            raise InputError(where, f"the ONNX file was exported from architecture {arch!r}, but config.json "
+                                    f"says {config.model.arch!r}", fix)
+
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers()
@@ -576,7 +600,9 @@ class OnnxPredictor(ProbabilityPredictor):
                 raise InputError(
                     weights, "weights file not found (and no model.onnx)", "point --model at a run folder written by `nerveseg train`"
                 )
-            return cls(onnx_path, config, device, intra_op_num_threads, allow_spinning=allow_spinning)
+            predictor = cls(onnx_path, config, device, intra_op_num_threads, allow_spinning=allow_spinning)
+            predictor._check_signature(config)  # no weights to re-export from: the file must fit config.json
+            return predictor
         if not _cache_is_fresh(onnx_path, weights, config):
             model = _load_torch_model(run_dir, config)
             digest = weights_sha256(weights)

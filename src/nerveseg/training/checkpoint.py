@@ -29,14 +29,34 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         state = load_file(str(path))
     except Exception as exc:  # safetensors raises several types for corrupt headers
         raise InputError(path, f"not a readable safetensors file ({exc})", "re-export or re-train the model") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    check_state(path, model.state_dict(), state)
+    model.load_state_dict(state)
+    return model
+
+
+def check_state(path: Path, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """InputError unless ``state`` has exactly ``own``'s tensor names, shapes and kinds of dtype
+    (floating point where the model is, integer where it is), all finite: a weights file from
+    elsewhere is never copied in half, converted silently or loaded with NaN."""
+    fix = "use the config.json that was saved with these weights"
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise InputError(
             path,
-            f"weights do not fit the architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors)",
-            "use the config.json that was saved with these weights",
+            f"weights do not fit the architecture (missing {len(missing)}, unexpected {len(unexpected)} tensors"
+            + (f", e.g. missing {missing[0]!r}" if missing else f", e.g. unexpected {unexpected[0]!r}") + ")",
+            fix,
         )
-    return model
+    for name, expected in own.items():
+        value = state[name]
+        if tuple(value.shape) != tuple(expected.shape):
+            raise InputError(path, f"tensor {name!r} has shape {tuple(value.shape)}, the architecture needs "
+                                   f"{tuple(expected.shape)}", fix)
+        if value.dtype.is_floating_point != expected.dtype.is_floating_point or value.dtype == torch.bool:
+            raise InputError(path, f"tensor {name!r} has dtype {value.dtype}, the architecture needs {expected.dtype}", fix)
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise InputError(path, f"tensor {name!r} holds NaN or infinite values", "re-train or re-export the model")
 
 
 def save_training_state(
@@ -58,9 +78,17 @@ def save_training_state(
 
 def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, Any]:
     """Restore what ``save_training_state`` wrote; returns the loop state."""
-    with safe_open(str(path), framework="pt") as f:
-        state = json.loads(f.metadata()["state"])
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    path = Path(path)
+    fix = "delete it to start the run again, or restore it from a backup"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {})["state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+            raise ValueError("loop state is not an object with param_groups")
+    except Exception as exc:  # safetensors raises several types for corrupt files; KeyError, JSON errors
+        raise InputError(path, f"not a readable training state ({type(exc).__name__}: {exc})", fix) from None
+    check_state(path, model.state_dict(), {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
