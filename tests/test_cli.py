@@ -81,7 +81,8 @@ def test_segment_writes_masks_overlays_measurements_and_survives_bad_files(train
     good.convert("RGB").save(inputs / "b.jpg")
     (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     out = tmp_path / "seg"
-    assert main(["segment", str(inputs), "--model", str(run), "--out", str(out), "--mm-per-pixel", "0.1"]) == 0
+    # 1: every input was tried and one (broken.png) could not be segmented
+    assert main(["segment", str(inputs), "--model", str(run), "--out", str(out), "--mm-per-pixel", "0.1"]) == 1
     err = capsys.readouterr().err
     assert "broken.png" in err
     with open(out / "measurements.csv", newline="") as f:

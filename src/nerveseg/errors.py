@@ -29,3 +29,16 @@ class InputError(NerveSegError):
 
 class ConfigError(NerveSegError):
     """An invalid option or combination of options."""
+
+
+class OutputError(NerveSegError):
+    """A result that cannot be written (full disk, quota, read-only or forbidden folder).
+
+    Not an InputError: the input is fine and every later input would fail the same way, so a
+    batch stops. ``path`` is the output folder; the message says which results are intact."""
+
+    def __init__(self, path: str | Path, problem: str, fix: str = ""):
+        self.path = Path(path)
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{self.path}: {problem}" + (f" -- {fix}" if fix else ""))

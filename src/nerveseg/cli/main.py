@@ -180,11 +180,29 @@ def cmd_segment(args: argparse.Namespace) -> int:
         labelme=args.labelme,
         temporal_smoothing=args.temporal_smoothing,
     )
-    result = segment_files(args.inputs, predictor, args.out, options, log=lambda m: print(m, file=sys.stderr))
+    result = segment_files(args.inputs, predictor, args.out, options, log=lambda m: print(m, file=sys.stderr),
+                           resume=args.resume)
     n_inputs = len({row["file"] for row in result.rows})
-    print(f"segmented {n_inputs} input(s) with the model in {model_dir}: {len(result.rows)} measurement row(s), "
+    resumed = f" ({len(result.skipped)} already complete, kept)" if result.skipped else ""
+    print(f"segmented {n_inputs} input(s){resumed} with the model in {model_dir}: {len(result.rows)} measurement row(s), "
           f"{len(result.problems)} problem(s); wrote {args.out}/measurements.csv")
-    return 0 if result.rows or not result.problems else 1
+    if result.problems:
+        print(f"nerveseg segment: {len(result.problems)} input(s) not segmented (listed above as error:); "
+              "exit status 1", file=sys.stderr)
+    return 1 if result.problems else 0
+
+
+SEGMENT_EXIT_CODES = """\
+exit status:
+  0  every input was segmented (or, with --resume, was already complete)
+  1  all inputs were tried, and at least one could not be segmented: unreadable, missing,
+     of an unknown type, or a folder inside an input folder (each is reported as "error: ...";
+     the others' results are written)
+  2  nothing or not everything was tried: a bad option or model, or a result could not be
+     written (full disk, read-only folder; the results finished before are intact, run again
+     with --resume)
+  130 interrupted (Ctrl-C); --resume continues
+"""
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -336,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("segment", help="segment images, DICOM or cine loops; write masks, overlays, measurements.csv")
-    p.add_argument("inputs", nargs="+", help="image, DICOM or video files, or folders of them")
+    p = sub.add_parser("segment", help="segment images, DICOM or cine loops; write masks, overlays, measurements.csv",
+                       epilog=SEGMENT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="image, DICOM or video files, or folders of them (not searched "
+                   "recursively; other files and sub-folders are reported)")
     p.add_argument("--model", default=None, help="run folder from `nerveseg train` (default: the shipped SA-UNet)")
     p.add_argument("--out", required=True)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="isotropic pixel size in mm (overrides DICOM)")
@@ -351,6 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: onnxruntime when installed (fastest on CPU), else torch")
     p.add_argument("--device", default="auto")
+    p.add_argument("--resume", action="store_true",
+                   help="skip inputs whose outputs in --out are complete (their rows in measurements.csv and every "
+                        "mask/overlay file, or a loop's overlay video); the rest are segmented and measurements.csv "
+                        "ends with every input's rows. Use the same inputs and options as the interrupted run")
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("benchmark", help="train + evaluate several architectures on identical splits (paper Tables 2-3)")
