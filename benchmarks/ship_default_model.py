@@ -1,6 +1,7 @@
 """Ship a trained run or ensemble folder as the package's default model (src/nerveseg/pretrained/NAME).
 
 Usage: python benchmarks/ship_default_model.py RUN [--name sa_unet_usgra] [--tta | --no-tta] [--keep-largest nerve]
+           [--cv-metrics RUN/cv_plain/metrics.json]
 
 Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
 model.onnx, so the default backend never exports at run time. Every machine-specific value is
@@ -45,18 +46,43 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None) -> None:
                 weights_hash=weights_sha256(dest / "model.safetensors"))
 
 
+def model_card(cv_metrics: Path, config: RunConfig) -> dict:
+    """The summary `nerveseg serve` shows (web/model_slot.py), from the cross-validation metrics."""
+    import json
+
+    m = json.loads(cv_metrics.read_text())
+    classes = m.get("classes") or {"nerve": m}
+    figures = "; ".join(
+        f"{name} Dice {c['dice']['mean']:.3f} ± {c['dice']['sd']:.3f}, {100 * c['zero_overlap_rate']:.1f}% complete misses"
+        for name, c in classes.items()
+    )
+    members = len(config.members) or 1
+    return {
+        "name": "sa_unet_usgra",
+        "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
+        "validation": f"{members}-fold cross-validation, each image scored by the fold model that never saw it "
+                      f"({m['n_images']} images): {figures} (docs/MODEL_CARD.md)",
+        "limits": "not trained on the median nerve at the wrist or forearm, other machines, children or pathology; "
+                  "check every outline",
+        "use": "Not a medical device. Research and decision support only.",
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
     parser.add_argument("--name", default="sa_unet_usgra")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
+    parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
     args = parser.parse_args()
     dest = PACKAGE / args.name
     if dest.exists():
         shutil.rmtree(dest)
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
     ship_run(Path(args.run), dest, args.tta, keep)
+    if args.cv_metrics:
+        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), RunConfig.load(dest / "config.json")))
     for path in sorted(dest.rglob("*")):
         if path.is_file():
             path.chmod(0o644)
