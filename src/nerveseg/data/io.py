@@ -97,8 +97,13 @@ def _open(path: Path) -> Iterator[Image.Image]:
     except UnidentifiedImageError as e:
         raise InputError(path, "is not a readable image (unknown or corrupt format)",
                          "re-export the image as PNG") from e
-    except OSError as e:
+    except PermissionError as e:
         raise InputError(path, f"cannot be opened: {e}", "check the file permissions") from e
+    except MemoryError:
+        raise
+    except Exception as e:  # a corrupt header: PIL raises OSError, ValueError, SyntaxError, struct.error...
+        raise InputError(path, f"is not a readable image (corrupt header: {type(e).__name__}: {e})",
+                         "re-export the image as PNG") from e
     with img:
         width, height = img.size
         if width <= 0 or height <= 0:
@@ -156,12 +161,16 @@ def _to_grey_float(path: Path, img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode == "1":
         return np.asarray(img, dtype=np.float32)
-    if mode == "L":
-        return np.asarray(img, dtype=np.float32) / 255.0
+    if mode == "L":  # in place: the largest accepted image (MAX_IMAGE_PIXELS) is one float copy, not two
+        out = np.asarray(img, dtype=np.float32)
+        out /= np.float32(255.0)
+        return out
     if mode == "LA":
         return np.asarray(img, dtype=np.float32)[..., 0] / 255.0
     if mode.startswith("I;16"):
-        return np.asarray(img).astype(np.float32) / 65535.0
+        out = np.asarray(img).astype(np.float32)
+        out /= np.float32(65535.0)
+        return out
     if mode == "I":
         # 32-bit integer mode: PIL's name for 16-bit data from some writers. Anything outside the
         # 16-bit range has no agreed scale, so it is refused instead of guessed.
@@ -183,7 +192,9 @@ def _to_grey_float(path: Path, img: Image.Image) -> np.ndarray:
         rgb = np.asarray(img.convert("RGB"), dtype=np.float32)
     else:
         raise InputError(path, f"unsupported image mode '{mode}'", "save the image as 8-bit grey or RGB PNG")
-    return rgb @ LUMA_WEIGHTS / np.float32(255.0)
+    out = rgb @ LUMA_WEIGHTS
+    out /= np.float32(255.0)
+    return out
 
 
 def read_image(path: str | Path) -> np.ndarray:

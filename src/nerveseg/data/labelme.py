@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from skimage import draw, measure
 
+from nerveseg.data.io import MAX_IMAGE_PIXELS
 from nerveseg.errors import InputError
 from nerveseg.io_utils import atomic_write_json
 
@@ -49,10 +50,14 @@ def _size(path: Path, data: dict[str, Any]) -> tuple[int, int]:
     size = []
     for key in ("imageHeight", "imageWidth"):
         value = data.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+                or value != int(value) or value <= 0):
             raise InputError(path, f"LabelMe file lacks a valid '{key}' (got {value!r})",
                              f"{_FIX_JSON}, or add imageHeight and imageWidth of the image")
         size.append(int(value))
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:  # checked before the mask is allocated
+        raise InputError(path, f"LabelMe image size {size[0]}x{size[1]} is too large; the limit is "
+                               f"{MAX_IMAGE_PIXELS:,} pixels", f"{_FIX_JSON}, or check imageHeight and imageWidth")
     return size[0], size[1]
 
 

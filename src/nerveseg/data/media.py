@@ -20,6 +20,7 @@ The pixel size rules (ultrasound regions, Pixel Spacing) live in
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -476,9 +477,21 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, "Spacing | None", dict]:
 
 def _read_dicom(path: Path, index: int | None = None, single: bool = False) -> tuple[np.ndarray, Any, dict]:
     """:func:`read_dicom`; ``index``: decode only that frame; ``single``: refuse a multi-frame file."""
+    ds = _dcmread(path, stop_before_pixels=False)
+    try:
+        return _read_dataset(path, ds, index, single)
+    except InputError:
+        raise
+    except MemoryError:
+        raise
+    except Exception as e:  # pydicom parses elements lazily: a damaged element fails where it is used
+        raise InputError(path, f"is a corrupt DICOM file (a header element cannot be read: {type(e).__name__}: {e})",
+                         "copy or export the file again") from e
+
+
+def _read_dataset(path: Path, ds: Any, index: int | None, single: bool) -> tuple[np.ndarray, Any, dict]:
     from nerveseg.inference.calibration import dicom_spacing  # the spacing rules (inference imports data)
 
-    ds = _dcmread(path, stop_before_pixels=False)
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(path, "holds no pixel data (it is not an image, e.g. a report or DICOMDIR)",
                          "give the DICOM image file")
@@ -585,9 +598,21 @@ def video_info(path: str | Path) -> dict:
                 raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
             stream = container.streams.video[0]
             rate = float(stream.average_rate) if stream.average_rate else None
-            return {"n_frames": int(stream.frames or 0), "fps": rate, "width": stream.width, "height": stream.height}
-    except av.error.FFmpegError as exc:
-        raise InputError(path, f"cannot open video ({exc})", "check the file is a complete MP4/AVI") from None
+            if rate is not None and not (math.isfinite(rate) and rate > 0):
+                rate = None
+            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+    except InputError:
+        raise
+    except av.error.FFmpegError as exc:  # includes av.error.MemoryError: FFmpeg's ENOMEM for a damaged header
+        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # PyAV also raises AttributeError, UnicodeDecodeError, ... on damaged headers
+        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise InputError(path, f"video frames are too large ({width}x{height}); the limit is {MAX_IMAGE_PIXELS:,} pixels",
+                         "export the cine loop at the scanner's resolution")
+    return {"n_frames": max(int(stream.frames or 0), 0), "fps": rate, "width": width, "height": height}
 
 
 def read_video_frames(path: str | Path) -> Iterator[np.ndarray]:
@@ -596,7 +621,18 @@ def read_video_frames(path: str | Path) -> Iterator[np.ndarray]:
     try:
         with av.open(str(path)) as container:
             for frame in container.decode(video=0):
+                if frame.width * frame.height > MAX_IMAGE_PIXELS or frame.width <= 0 or frame.height <= 0:
+                    raise InputError(path, f"a video frame is {frame.width}x{frame.height}; the limit is "
+                                           f"{MAX_IMAGE_PIXELS:,} pixels", "export the cine loop at the scanner's resolution")
                 rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
                 yield (rgb @ LUMA_WEIGHTS) / 255.0
-    except av.error.FFmpegError as exc:
-        raise InputError(path, f"video decoding failed ({exc})", "re-export the cine loop; frames read so far are kept") from None
+    except InputError:
+        raise
+    except av.error.FFmpegError as exc:  # includes av.error.MemoryError (FFmpeg's ENOMEM)
+        raise InputError(path, f"video decoding failed ({type(exc).__name__}: {exc})",
+                         "re-export the cine loop; frames read so far are kept") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # PyAV's ValueError/AttributeError on damaged streams
+        raise InputError(path, f"video decoding failed ({type(exc).__name__}: {exc})",
+                         "re-export the cine loop; frames read so far are kept") from None

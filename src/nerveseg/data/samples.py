@@ -151,6 +151,9 @@ def read_manifest(path: str | Path) -> dict[str, dict]:
         if not file_value:
             raise InputError(path, f"row {line_no} has an empty 'file'", "fill in the file name or remove the row")
         stem = _stem_of(file_value)
+        if not stem or stem in (".", ".."):
+            raise InputError(path, f"row {line_no}: 'file' is {file_value!r}, which names no file",
+                             "give the image's file name or stem")
         if stem in entries:
             raise InputError(path, f"file '{stem}' is listed twice (row {line_no})",
                              "keep one row per image")
