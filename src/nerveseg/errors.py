@@ -31,14 +31,23 @@ class ConfigError(NerveSegError):
     """An invalid option or combination of options."""
 
 
-class OutputError(NerveSegError):
+class OutputError(NerveSegError, OSError):
     """A result that cannot be written (full disk, quota, read-only or forbidden folder).
 
     Not an InputError: the input is fine and every later input would fail the same way, so a
-    batch stops. ``path`` is the output folder; the message says which results are intact."""
+    batch stops. Also an OSError with the original ``errno``, so code that falls back on a
+    failed write (e.g. an ONNX export kept in memory) still does. ``path`` is the file or
+    output folder; the message says which results are intact."""
 
-    def __init__(self, path: str | Path, problem: str, fix: str = ""):
+    def __init__(self, path: str | Path, problem: str, fix: str = "", errno_: int | None = None):
+        if errno_ is None:
+            OSError.__init__(self, problem)
+        else:
+            OSError.__init__(self, errno_, problem)
         self.path = Path(path)
         self.problem = problem
         self.fix = fix
-        super().__init__(f"{self.path}: {problem}" + (f" -- {fix}" if fix else ""))
+        self.message = f"{self.path}: {problem}" + (f" -- {fix}" if fix else "")
+
+    def __str__(self) -> str:
+        return self.message

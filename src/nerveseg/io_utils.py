@@ -1,15 +1,26 @@
-"""Atomic writes: a reader never sees half a file, and an interrupted write loses nothing old."""
+"""Atomic writes: a reader never sees half a file, and an interrupted write loses nothing old.
+
+A kill -9 between the temporary file and ``os.replace`` leaves at most a hidden temporary file
+(``.NAME.XXXX.tmp.SUFFIX``) next to the old version; a full disk is an OutputError naming the file.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import io
 import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
+
+from .errors import OutputError
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+"""A write that fails with one of these becomes an OutputError (a NerveSegError, so the command
+line prints one line and exits 2): the disk is full, not the program broken."""
 
 
 @contextlib.contextmanager
@@ -27,6 +38,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, OutputError):
+            raise
+        raise OutputError(path, f"cannot be written: {exc.strerror or exc}",
+                          "free disk space and run the command again (train: --resume, segment: --resume); "
+                          "the previous version of this file, if there was one, is intact", errno_=exc.errno) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
