@@ -413,8 +413,10 @@ def run_worker(args: argparse.Namespace) -> None:
             with atheris.instrument_imports(include=["nerveseg", "PIL", "pydicom", "skimage"]):
                 worker.one(bytes([0]) + data)
         atexit_flush(worker)
+        Path(args.crashes).mkdir(parents=True, exist_ok=True)
         atheris.Setup([sys.argv[0], f"-max_total_time={args.seconds}", "-timeout=10", "-rss_limit_mb=2048",
-                       "-max_len=262144", "-print_final_stats=1", str(corpus)], worker.one)
+                       "-max_len=262144", "-print_final_stats=1", f"-artifact_prefix={Path(args.crashes) / reader.name}-",
+                       str(corpus)], worker.one)
         atheris.Fuzz()
     else:
         rng = np.random.default_rng(args.seed)
@@ -457,6 +459,21 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
     return bytes(buf)
 
 
+def _replay(reader: Reader, artifact: Path) -> tuple[str, float]:
+    """Run one saved input again, alone, in this process: (outcome or the crash, seconds)."""
+    data = artifact.read_bytes()
+    suffix = reader.suffixes[data[0] % len(reader.suffixes)] if data else reader.suffixes[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"replay{suffix}"
+        path.write_bytes(data[1:])
+        t0 = time.perf_counter()
+        try:
+            outcome = check(reader, path, time_limit=10.0)
+        except Crash as crash:
+            outcome = f"crash: {crash}"
+        return outcome, time.perf_counter() - t0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reader", choices=sorted(READERS), action="append", help="default: every reader")
@@ -493,13 +510,25 @@ def main(argv: list[str] | None = None) -> int:
             stats.setdefault("crashes", {})
             if proc.returncode != 0:  # libFuzzer's own findings: a timeout, the RSS limit, a signal
                 tail = [line for line in proc.stderr.splitlines() if "ERROR: libFuzzer" in line or "==ERROR" in line]
-                stats["crashes"][f"worker exit {proc.returncode}: {(tail or ['?'])[0][:120]}"] = {"count": 1, "example": ""}
+                artifact = next((line.split("Test unit written to", 1)[1].strip() for line in proc.stderr.splitlines()
+                                 if "Test unit written to" in line), "")
+                signature = f"worker exit {proc.returncode}: {(tail or ['?'])[0][:120]}"
+                replay = _replay(READERS[name], Path(artifact)) if artifact and Path(artifact).is_file() else None
+                if replay is not None and replay[0] in ("ok", "refused") and "timeout" in signature:
+                    # libFuzzer's timeout is wall-clock: a niced worker starved of CPU trips it too
+                    stats.setdefault("not_reproduced", []).append(
+                        f"{signature}; replayed alone: {replay[0]} in {replay[1]:.2f} s ({artifact})")
+                else:
+                    stats["crashes"][signature] = {"count": 1, "example": artifact,
+                                                   "message": "" if replay is None else f"replay: {replay[0]}"}
         n_crashes = len(stats["crashes"])
         total_crashes += n_crashes
         print(f"{name:10} {stats['inputs']:>8} {stats['ok']:>7} {stats['refused']:>8} {n_crashes:>8} "
               f"{stats.get('slowest_s', 0):>7.2f}s  {elapsed:7.1f}")
         for signature, info in stats["crashes"].items():
             print(f"    {signature}  x{info['count']}  {info.get('example', '')}\n      {info.get('message', '')[:300]}")
+        for line in stats.get("not_reproduced", []):
+            print(f"    not a crash: {line}")
     print(f"distinct crashes: {total_crashes}")
     return 1 if total_crashes else 0
 

@@ -12,6 +12,7 @@ import contextlib
 import csv
 import errno
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,9 +396,10 @@ def _stop_on_full_disk(out: Path, path: Path | None, result: SegmentResult, pend
         if exc.errno not in _WRITE_ERRNOS:
             raise
         finished = len({r["file"] for r in result.rows[: len(result.rows) - pending]})
-        during = f" while writing the results of {path}" if path is not None else ""
+        what = f"the results of {path}" if path is not None else "measurements.csv"
+        reason = os.strerror(exc.errno) if exc.errno else str(exc)
         raise OutputError(
-            out, f"cannot write{during}: {exc.strerror or exc}",
+            out, f"cannot write {what} ({reason})",
             f"free space or fix permissions, then run the same command with --resume; the {finished} input(s) "
             f"finished before are intact in {out / 'measurements.csv'}",
         ) from exc
