@@ -274,3 +274,17 @@ def test_full_disk_during_a_loop_leaves_no_video_under_its_final_name(tmp_path, 
         segment_files([tmp_path / "loop.mp4"], DiscPredictor(), out, log=lambda m: None)
     assert not (out / "loop_overlay.mp4").exists()
     assert not list(out.glob(".*partial*"))
+
+
+def test_resume_removes_only_what_an_interrupted_write_left(tmp_path):
+    from nerveseg.inference.segment import remove_stale_temporaries
+
+    out = tmp_path / "out"
+    (out / "loop_masks").mkdir(parents=True)
+    stale = [out / ".a_mask.png.k3j_x9aq.tmp.png", out / ".measurements.csv.abcdefgh.tmp.csv",
+             out / ".loop_overlay.partial.mp4", out / "loop_masks" / ".frame_00003.png.Zz09ab_c.tmp.png"]
+    kept = [out / "a_mask.png", out / ".hidden_by_the_user", out / "notes.tmp", out / "loop_masks" / "frame_00000.png"]
+    for path in stale + kept:
+        path.write_bytes(b"x")
+    assert remove_stale_temporaries(out) == len(stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in kept)

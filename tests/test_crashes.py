@@ -98,7 +98,9 @@ def _check_run_folder_usable(run: Path) -> str:
     # history.csv is written before last.safetensors: it may be one epoch ahead (resume trims it)
     assert done <= len(epochs) <= done + 1, (done, epochs)
     ahead = ", history.csv one epoch ahead" if len(epochs) > done else ""
-    return ("no epoch finished" if state is None else f"after epoch {done}") + ahead
+    temporary = len(names - RUN_FILES)
+    left = f", {temporary} temporary file(s) left" if temporary else ""
+    return ("no epoch finished" if state is None else f"after epoch {done}") + ahead + left
 
 
 @pytest.mark.slow
@@ -220,6 +222,7 @@ def test_kill_9_during_segment_then_resume_completes_the_set(tmp_path):
         done_at_kill.append(_check_segment_outputs_whole(out, inputs))
         assert main(["segment", str(tmp_path / "in"), "--out", str(out), "--backend", "torch", "--resume"]) == 0
         assert _check_segment_outputs_whole(out, inputs) == len(inputs)
+        assert not [p for p in out.rglob(".*")], "resume removes what the killed run left"
         with open(out / "measurements.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         assert [r["file"] for r in rows] == sorted(expected)  # one row per input, in input order

@@ -13,6 +13,7 @@ import csv
 import errno
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,23 @@ def completed_inputs(files: Sequence[Path], stems: Sequence[str], out: Path, cla
         if any(all(f.is_file() for f in expected) for expected in candidates):
             done[path] = rows
     return done
+
+
+# what an interrupted atomic write (io_utils.atomic_path: ".NAME.XXXXXXXX.tmp.SUFFIX") or video
+# (".STEM_overlay.partial.mp4") leaves behind when the process is killed
+_STALE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.\w+)?$|^\..+_overlay\.partial\.mp4$")
+
+
+def remove_stale_temporaries(out: Path) -> int:
+    """Delete the temporary files a killed run left in ``out`` and its frame-mask folders (never a
+    file under a final name); returns how many. Only for --resume: one segment run per folder."""
+    removed = 0
+    for folder in [out] + [d for d in out.iterdir() if d.is_dir() and d.name.endswith("_masks")]:
+        for path in folder.iterdir():
+            if path.is_file() and _STALE.match(path.name):
+                path.unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _previous_videos(path: Path) -> dict[str, dict]:
@@ -349,6 +367,8 @@ def segment_files(
     stems = assign_stems(files)
     class_names = list(getattr(predictor, "class_names", ["nerve"]))
     done = completed_inputs(files, stems, out, class_names, options.labelme, log) if resume else {}
+    if resume and remove_stale_temporaries(out):
+        log(f"resume: removed the temporary files an interrupted run left in {out}")
     old_videos = _previous_videos(out / "videos.json") if done else {}
     for path, stem in zip(files, stems):
         if path in done:
