@@ -281,3 +281,30 @@ def test_full_disk_through_the_train_command_is_one_line_and_exit_2(tmp_path, mo
                  "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "Traceback" not in err
+
+
+def test_full_disk_inside_safetensors_is_recognised(tmp_path, monkeypatch):
+    """safetensors writes in Rust and reports ENOSPC as a SafetensorError with the OS error in its
+    text (bindings/python/src/lib.rs: "Error while serializing: {e:?}"); it is a full disk too."""
+    from safetensors import SafetensorError
+
+    from nerveseg.models import create
+    from nerveseg.training import checkpoint
+
+    def full(*args, **kwargs):
+        raise SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                              'message: "No space left on device" })')
+
+    monkeypatch.setattr(checkpoint, "save_file", full)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"old")
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        checkpoint.save_weights(create("sa_unet", **SMALL), path)
+    assert info.value.errno == errno.ENOSPC and path.read_bytes() == b"old" and len(list(tmp_path.iterdir())) == 1
+
+    def other(*args, **kwargs):  # any other failure is not turned into a full disk
+        raise SafetensorError("Error while serializing: InvalidTensorView(...)")
+
+    monkeypatch.setattr(checkpoint, "save_file", other)
+    with pytest.raises(SafetensorError):
+        checkpoint.save_weights(create("sa_unet", **SMALL), path)

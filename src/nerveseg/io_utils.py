@@ -12,6 +12,7 @@ import errno
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -38,15 +39,33 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
-    except OSError as exc:
-        if exc.errno not in DISK_FULL_ERRNOS or isinstance(exc, OutputError):
+    except Exception as exc:
+        code = _disk_full_errno(exc)
+        if code is None or isinstance(exc, OutputError):
             raise
-        raise OutputError(path, f"cannot be written: {exc.strerror or exc}",
+        raise OutputError(path, f"cannot be written: {os.strerror(code)}",
                           "free disk space and run the command again (train: --resume, segment: --resume); "
-                          "the previous version of this file, if there was one, is intact", errno_=exc.errno) from exc
+                          "the previous version of this file, if there was one, is intact", errno_=code) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+# writers that are not Python file objects report the OS error in their message: safetensors
+# ("Error while serializing: IoError(Os { code: 28, kind: StorageFull, ... })"), FFmpeg, ...
+_DISK_FULL_TEXT = re.compile(r"(?:code: |os error |errno )(\d+)|No space left on device|Disk quota exceeded|StorageFull|QuotaExceeded", re.I)
+
+
+def _disk_full_errno(exc: BaseException) -> int | None:
+    """The errno when ``exc`` says the disk (or quota) is full, else None."""
+    if isinstance(exc, OSError):
+        return exc.errno if exc.errno in DISK_FULL_ERRNOS else None
+    for match in _DISK_FULL_TEXT.finditer(str(exc)):
+        if match.group(1) is None:
+            return errno.EDQUOT if "quota" in match.group(0).lower() else errno.ENOSPC
+        if int(match.group(1)) in DISK_FULL_ERRNOS:
+            return int(match.group(1))
+    return None
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
