@@ -170,6 +170,11 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     if resume:
         if not config_path.exists():
             raise ConfigError(f"{out}: nothing to resume (no config.json); start without --resume")
+        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX);
+        # a run folder has one writer, so on resume every such file is an orphan
+        for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv"):
+            for orphan in out.glob(f".{name}.*.tmp*"):
+                orphan.unlink(missing_ok=True)
         saved = RunConfig.load(config_path)
         saved.train.epochs = config.train.epochs  # the only thing a resume may change: run longer
         config = saved
