@@ -14,18 +14,39 @@ from nerveseg.evaluation.metrics import image_metrics
 from nerveseg.inference.calibration import _reset_no_calibration_warning
 from nerveseg.inference.onnx_backend import onnx_metadata, weights_sha256
 from nerveseg.inference.predictor import Predictor
-from nerveseg.models import count_parameters
+from nerveseg.models import count_parameters, create
 from nerveseg.pretrained import pretrained_dir
+
+
+def _runs(folder):
+    """The shipped folder's run folders: itself, or its ensemble members."""
+    config = RunConfig.load(folder / "config.json")
+    return [folder / m for m in config.members] if config.members else [folder]
 
 
 def test_shipped_model_is_complete_and_consistent():
     folder = pretrained_dir()  # raises (fails) if the package lost its weights
     config = RunConfig.load(folder / "config.json")
     assert config.model.arch == "sa_unet" and config.data.label == 1
+    assert config.data.class_names[0] == "nerve"
     predictor = Predictor.from_run(folder, device="cpu")
-    assert count_parameters(predictor.model) == 455_603
-    # the shipped ONNX file was exported from exactly these weights: no export on first use
-    assert onnx_metadata(folder / "model.onnx")["weights_sha256"] == weights_sha256(folder / "model.safetensors")
+    for run, model in zip(_runs(folder), getattr(predictor, "members", [predictor])):
+        # SA-UNet's 455,603 parameters, plus only the extra classes' head outputs and auxiliary heads
+        params = count_parameters(model.model)
+        plain = count_parameters(create("sa_unet", out_channels=len(config.data.class_names)))
+        assert plain <= params <= plain + 30_000, params
+        # the shipped ONNX file was exported from exactly these weights: no export on first use
+        assert onnx_metadata(run / "model.onnx")["weights_sha256"] == weights_sha256(run / "model.safetensors")
+
+
+def test_shipped_configs_carry_no_path_of_the_training_machine():
+    for path in pretrained_dir().rglob("config.json"):
+        d = json.loads(path.read_text())
+        assert d["data"]["data_dir"] == "", path
+        assert d["train"].get("init_from") in (None, "default") or "/" not in d["train"]["init_from"]
+        text = path.read_text()
+        for prefix in ("/work/", "/tmp/", "/home/", "/root/", "/Users/"):
+            assert prefix not in text, (path, prefix)
 
 
 def test_segment_without_model_argument(tmp_path, capsys):
@@ -52,4 +73,4 @@ def test_shipped_model_finds_nerves_in_real_images(real_data, tmp_path):
         dices.append(image_metrics(predictor.predict(image), read_mask(sample.mask_path, label=1))["dice"])
     assert np.mean(dices) > 0.6, dices
     meta = json.loads((pretrained_dir() / "config.json").read_text())
-    assert len(meta["train_stems"]) == 204 and meta["val_stems"] == []
+    assert len(meta["train_stems"]) == 204 and meta["val_stems"] == []  # an ensemble: its members' union
