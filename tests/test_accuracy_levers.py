@@ -384,6 +384,15 @@ def test_all_folds_ensemble_cv_and_fine_tuning(tmp_path, capsys):
     ft = RunConfig.load(tmp_path / "ft" / "config.json")
     assert ft.preprocess.size == 32 and ft.model.kwargs["features"] == SMALL["features"]
     assert ft.data.labels == (1, 2) and ft.train.init_from == str(tmp_path / "ens")
+    # a single-class source passes on its label (usgra-seg / workspace masks hold 1 nerve, 2 vessel)
+    one = _cli_config(["--data", str(data), "--init-from", str(tmp_path / "ens" / "fold_0"), "--out", "O"])
+    assert one.data.labels == (1, 2)
+    single = RunConfig.load(tmp_path / "ens" / "fold_0" / "config.json")
+    single.data.labels = single.data.label_names = None
+    single.model.kwargs.pop("out_channels", None)
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / "config.json").write_text(json.dumps(single.to_dict()))
+    assert _cli_config(["--data", str(data), "--init-from", str(tmp_path / "single"), "--out", "O"]).data.label == 1
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "needs a run folder" in capsys.readouterr().err

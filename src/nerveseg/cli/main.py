@@ -69,8 +69,11 @@ def _train_config(args: argparse.Namespace):
         kwargs = {k: v for k, v in source.model.kwargs.items() if k not in ("out_channels", "deep_supervision")}
         model = {"arch": source.model.arch, "kwargs": kwargs}
         preprocess = {"size": args.size or source.preprocess.size}
-        if args.labels is None and args.label is None and source.data.labels is not None:
-            args.labels, args.label_names = source.data.labels, args.label_names or source.data.label_names
+        if args.labels is None and args.label is None:  # the classes too: the source's labels mean the same here
+            if source.data.labels is not None:
+                args.labels, args.label_names = source.data.labels, args.label_names or source.data.label_names
+            else:
+                args.label = source.data.label
     augment = None if args.augment is None else tuple(a for a in args.augment.split(",") if a)
     return build_run_config(
         args.recipe,
