@@ -15,7 +15,6 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
-    JPEGLSLossless,
     UltrasoundImageStorage,
     UltrasoundMultiFrameImageStorage,
     generate_uid,
@@ -368,14 +367,3 @@ def test_non_dicom_and_corrupt_files(tmp_path):
         read_dicom(empty)
     with pytest.raises(InputError, match="not found"):
         read_dicom(tmp_path / "missing.dcm")
-
-
-def test_missing_decoder_names_transfer_syntax_and_package(tmp_path):
-    if get_decoder(JPEGLSLossless).is_available:
-        pytest.skip("a JPEG-LS decoder is installed")
-    ds = make_ds(np.zeros((8, 8), dtype=np.uint8), tsyntax=JPEGLSLossless,
-                 pixel_data=encapsulate([b"\xff\xd8" + b"\x00" * 30 + b"\xff\xd9"]))
-    with pytest.raises(InputError) as info:
-        read_dicom(save(ds, tmp_path / "jls.dcm"))
-    message = str(info.value)
-    assert "jls.dcm" in message and "JPEG-LS" in message and "pip install pylibjpeg" in message

@@ -399,15 +399,21 @@ def _unit_scale(path: Path, arr: np.ndarray, bits: int, signed: bool) -> np.ndar
     return out.astype(np.float32, copy=False)
 
 
-def _positive_float(ds: Any, keyword: str) -> float | None:
-    value = ds.get(keyword)
+def finite_float(item: Any, keyword: str) -> float | None:
+    """A DICOM element as a finite float, or None when absent, empty or not a number."""
+    value = item.get(keyword)
     if value is None or value == "":
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if np.isfinite(number) and number > 0 else None
+    return number if np.isfinite(number) else None
+
+
+def _positive_float(ds: Any, keyword: str) -> float | None:
+    number = finite_float(ds, keyword)
+    return number if number is not None and number > 0 else None
 
 
 def _frame_time_ms(ds: Any) -> float | None:

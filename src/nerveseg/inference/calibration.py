@@ -21,6 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nerveseg.data.media import MAX_DICOM_PIXELS, read_dicom, read_dicom_header
+from nerveseg.data.media import finite_float as _float_or_none
 from nerveseg.errors import ConfigError, InputError
 
 __all__ = [
@@ -228,16 +229,6 @@ def _int_or_none(item: Any, keyword: str) -> int | None:
     except (TypeError, ValueError):
         return None
 
-
-def _float_or_none(item: Any, keyword: str) -> float | None:
-    value = item.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
 
 
 @dataclass(frozen=True)
