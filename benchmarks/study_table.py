@@ -96,6 +96,38 @@ def cross_validation(root: Path) -> None:
                   f"p = {w['p_value']:.3g}, n = {w['n']}")
 
 
+def fold_evaluations(root: Path, name: str) -> list[dict]:
+    """Per-image rows of an --all-folds run whose folds were scored one by one (fold_k/eval)."""
+    rows = []
+    for path in sorted((root / name).glob("fold_*/eval/per_image.csv")):
+        rows += per_image(path)
+    return rows
+
+
+def saunet_vs_unet(root: Path) -> None:
+    """SA-UNet vs U-Net under the same recipe, on the images both have scored."""
+    sa_path = root / "sa_unet_nerveseg" / "cv_plain" / "per_image.csv"
+    unet = (per_image(root / "unet_nerveseg" / "cv_plain" / "per_image.csv")
+            if (root / "unet_nerveseg" / "cv_plain" / "per_image.csv").is_file() else fold_evaluations(root, "unet_nerveseg"))
+    if not (sa_path.is_file() and unet):
+        return
+    stems = {r["stem"] for r in unet}
+    sa = [r for r in per_image(sa_path) if r["stem"] in stems]
+    print("\n| architecture (recipe nerveseg) | params | nerve Dice (mean ± SD) | median | HD95 (px) | zero-overlap | n |")
+    print("| --- | ---: | --- | ---: | --- | ---: | ---: |")
+    from nerveseg.models import count_parameters, create
+
+    for name, rows, arch in (("SA-UNet", sa, "sa_unet"), ("U-Net", unet, "unet")):
+        mean, sd, median, zero, n = summary(rows)
+        hd95 = [_f(r["hd95"]) for r in rows]
+        m95 = sum(hd95) / len(hd95)
+        sd95 = math.sqrt(sum((v - m95) ** 2 for v in hd95) / (len(hd95) - 1))
+        params = count_parameters(create(arch, out_channels=2))
+        print(f"| {name} | {params:,} | {mean:.3f} ± {sd:.3f} | {median:.3f} | {m95:.1f} ± {sd95:.1f} | {zero}/{n} ({100 * zero / n:.1f}%) | {n} |")
+    w = paired_wilcoxon(tagged(sa, "sa") + tagged(unet, "unet"), "sa", "unet")
+    print(f"\nSA-UNet minus U-Net, paired per image: median {w['median_difference']:+.4f}, p = {w['p_value']:.3g}, n = {w['n']}")
+
+
 def learning_curve(root: Path) -> None:
     print("\n| training images | from scratch: Dice | zero-overlap | fine-tuned from the folds-3-4 model: Dice | zero-overlap | p |")
     print("| ---: | --- | ---: | --- | ---: | ---: |")
@@ -117,4 +149,5 @@ if __name__ == "__main__":
     root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
     screening(root)
     cross_validation(root)
+    saunet_vs_unet(root)
     learning_curve(root)

@@ -27,12 +27,14 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
         },
         "inference": {"tta": False, "keep_largest": ()},
     },
-    # chosen on the screening of issue 10 (docs/benchmarks.md): Dice + cross-entropy and the poly
-    # schedule were the clear wins over the paper's recipe; vessels as a second class and nnU-Net's
-    # augmentation helped the mean a little (not significantly) and are kept for what they add (a
-    # vessel map for regional anaesthesia; robustness to other machines' gain and resolution);
-    # deep supervision and horizontal flips did not help and are off. 60 epochs at 128 px (128
-    # matched 256); the last epoch is kept, so no held-out image picks a checkpoint.
+    # the levers that led the fold-0 screen of issue 10 (docs/benchmarks.md, "Accuracy study"): Dice +
+    # cross-entropy and the poly schedule were the clear wins over the paper's recipe; vessels as a
+    # second class and nnU-Net's augmentation looked neutral-to-good there and are kept for what they
+    # add (a vessel map for regional anaesthesia; robustness to other machines' gain and resolution);
+    # fold 1 later showed vessels costing the nerve a little (not significant). Deep supervision and
+    # horizontal flips did not help and are off; 60 epochs at 128 px; the last epoch is kept, so no
+    # held-out image picks a checkpoint. Cross-validated: nerve Dice 0.566, below the shipped
+    # model's 256-px recipe, which therefore stays the default.
     "nerveseg": {
         "model": {"arch": "sa_unet"},
         "preprocess": {"size": 128},
