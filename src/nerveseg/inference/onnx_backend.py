@@ -237,6 +237,23 @@ def _metadata(model: nn.Module, config: RunConfig | None, folded: int, weights_h
     return meta
 
 
+def _strip_source_locations(proto) -> None:
+    """Drop the exporter's per-node stack traces (doc strings and metadata naming source files of
+    the machine that exported): a shipped ONNX file carries no path of that machine."""
+    graphs = [proto.graph] + [f for f in proto.functions]
+    while graphs:
+        graph = graphs.pop()
+        for node in graph.node:
+            node.doc_string = ""
+            del node.metadata_props[:]
+            for attr in node.attribute:
+                if attr.g is not None and attr.HasField("g"):
+                    graphs.append(attr.g)
+                graphs.extend(attr.graphs)
+        if hasattr(graph, "metadata_props"):
+            del graph.metadata_props[:]
+
+
 def _name_dynamic_dims(proto) -> None:
     """Give the graph's input and output the same symbolic dims: batch, height, width.
 
@@ -362,6 +379,7 @@ def export_onnx_proto(
     else:
         proto = _export_torchscript(net, example, opset)
     _name_dynamic_dims(proto)
+    _strip_source_locations(proto)
     meta = _metadata(model, config, folded, weights_hash)
     if native_ops:
         meta["native_ops"] = f"{native_ops} x nerveseg.SAConv (needs nerveseg's native library: nerveseg.inference.native)"
