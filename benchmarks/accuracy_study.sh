@@ -3,6 +3,7 @@
 # finished run is skipped, an interrupted one continues (--resume).
 #   bash benchmarks/accuracy_study.sh screen [DATA] [OUT]   each lever vs the paper recipe, folds 0-1
 #   bash benchmarks/accuracy_study.sh final  [DATA] [OUT]   the chosen recipe, 5 folds, SA-UNet and U-Net
+#   bash benchmarks/accuracy_study.sh final256 [DATA] [OUT] screen winners on the shipped 256-px recipe, 5 folds
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
 set -euo pipefail
@@ -83,6 +84,15 @@ final)
       cv largest_both --no-tta --keep-largest nerve,vessel
     fi
   done
+  ;;
+final256)
+  # the two screen winners (Dice + CE, poly) on the shipped model's 256-px recipe (issue 2's E2:
+  # shear, hflip, gamma, contrast; nerve only, as vessels cost the nerve a little on the screen),
+  # last epoch kept; 5 folds, each scored on its own held-out fold
+  name=sa_unet_e2_dice_ce_poly
+  train $name --recipe nerveseg --label 1 --size 256 --augment shear,hflip,gamma,contrast --folds 5 --all-folds
+  [ -f "$OUT/$name/cv_plain/metrics.json" ] || nerveseg evaluate --model "$OUT/$name" --data "$DATA" --subset cv \
+    --no-overlays --quiet --backend torch --out "$OUT/$name/cv_plain" --no-tta --keep-largest ''
   ;;
 curve)
   # fine-tuning learning curve: pretrained on folds 3-4, N images of folds 1-2, scored on fold 0

@@ -22,6 +22,7 @@ AUGMENTATIONS = (
 SCHEDULES = ("constant", "cosine", "poly")
 LOSSES = ("dice", "dice_ce")
 CHECKPOINTS = ("best", "last")
+DATA_CACHES = ("memory", "disk")
 
 MAX_MODEL_PARAMETERS = 100_000_000
 """Largest network a run folder's config.json may describe (11x the largest registered network
@@ -140,6 +141,10 @@ class TrainConfig:
     deep_supervision: bool = False  # auxiliary heads on the decoder levels, training only
     checkpoint: str = "best"  # "last": keep the final epoch (no selection on the validation fold)
     init_from: str | None = None  # weights to start from: a run folder (recorded as given)
+    # scale (issue 13): how the data is held and how several processes share BatchNorm statistics
+    data_cache: str = "memory"  # "disk": decode once into memory-mapped files, read by DataLoader workers
+    loader_workers: int = 2  # DataLoader worker processes for data_cache = "disk"
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not each rank's
 
     def __post_init__(self) -> None:
         self.augment = tuple(self.augment)
@@ -152,6 +157,10 @@ class TrainConfig:
             raise ConfigError(f"unknown augmentation(s) {unknown}; choose from {', '.join(AUGMENTATIONS)}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.data_cache not in DATA_CACHES:
+            raise ConfigError(f"unknown data cache {self.data_cache!r}; choose from {', '.join(DATA_CACHES)}")
+        if self.loader_workers < 0:
+            raise ConfigError("loader_workers must be >= 0")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.lr == float("inf"):
             raise ConfigError("epochs and batch_size must be >= 1 and lr > 0")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -45,6 +46,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"features\": [8, 16, 32, 64, 128]}'")
+    return value
+
+
 def _labels(text: str) -> tuple[int | str, ...]:
     return tuple(_label(t.strip()) for t in text.split(",") if t.strip())
 
@@ -58,7 +69,7 @@ def _train_config(args: argparse.Namespace):
     from ..training.recipes import build_run_config
     from ..training.trainer import resolve_init_from
 
-    model, preprocess = {"arch": args.arch}, {"size": args.size}
+    model, preprocess = {"arch": args.arch, "kwargs": args.model_kwargs}, {"size": args.size}
     if args.init_from:
         # fine-tuning: the network (and its input size) are the source model's
         from ..config import RunConfig
@@ -86,9 +97,14 @@ def _train_config(args: argparse.Namespace):
                    warmup_epochs=args.warmup_epochs, augment=augment, amp=False if args.no_amp else None,
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
                    device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
-                   checkpoint=args.checkpoint, init_from=args.init_from),
+                   checkpoint=args.checkpoint, init_from=args.init_from, data_cache=args.data_cache,
+                   loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn),
         inference=dict(tta=args.tta),
     )
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -99,13 +115,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--label-names needs --labels")
     config = _train_config(args)
     if args.all_folds:
-        results = train_all_folds(config, args.out, resume=args.resume, progress=not args.quiet)
+        results = train_all_folds(config, args.out, resume=args.resume, progress=not args.quiet, cache_dir=args.cache_dir)
+        if not _is_main_process():
+            return 0
         for k, r in enumerate(results):
             print(f"fold {k}: validation Dice {r.best_val_dice:.4f} (best epoch {r.best_epoch}), {r.epochs_run} epochs in {r.seconds:.0f} s")
         print(f"wrote {len(results)} runs and the ensemble {args.out} (use it as --model {args.out}; "
               f"`nerveseg evaluate --model {args.out} --subset cv` gives the cross-validated figures)")
         return 0
-    result = train(config, args.out, resume=args.resume, progress=not args.quiet)
+    result = train(config, args.out, resume=args.resume, progress=not args.quiet, cache_dir=args.cache_dir)
+    if not _is_main_process():  # under torchrun, rank 0 reports
+        return 0
     if result.best_val_dice >= 0:
         kept = "kept the last epoch" if config.train.checkpoint == "last" else "kept that epoch"
         print(f"trained {result.run_dir}: best validation Dice {result.best_val_dice:.4f} at epoch {result.best_epoch} "
@@ -302,6 +322,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several classes, nerve first: e.g. 1,2 (usgra-seg nerve, vessel); one output per class")
     p.add_argument("--label-names", type=_names, default=None, help="names of --labels, e.g. nerve,vessel")
     p.add_argument("--arch", default=None, help="architecture (see `nerveseg models`; default sa_unet)")
+    p.add_argument("--model-kwargs", type=_json_object, default=None,
+                   help='architecture options as JSON, e.g. \'{"features": [16, 32, 64, 128, 256]}\'')
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="network input side; images are letterboxed to it")
     p.add_argument("--seed", type=int, default=0)
@@ -324,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action="store_true", default=None, help="the model predicts with flip test-time augmentation")
     p.add_argument("--init-from", default=None,
                    help="fine-tune: start from a run folder's weights, or 'default' for the shipped model")
+    p.add_argument("--data-cache", choices=("memory", "disk"), default=None,
+                   help="memory (default): decode the split into RAM; disk: decode once into memory-mapped files "
+                        "(for sets larger than RAM; reused by later runs on the same data)")
+    p.add_argument("--cache-dir", default=None, help="where --data-cache disk keeps its files "
+                   "(default $NERVESEG_CACHE_DIR or ~/.cache/nerveseg)")
+    p.add_argument("--loader-workers", type=int, default=None, help="DataLoader processes for --data-cache disk (default 2)")
+    p.add_argument("--sync-bn", action="store_true", default=None,
+                   help="under torchrun: BatchNorm statistics of the global batch rather than each process's share")
     p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -448,6 +478,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"nerveseg {args.command}: interrupted; finished files are kept (train: --resume continues)", file=sys.stderr)
         return 130
+    finally:
+        if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
+            from ..training.distributed import shutdown_distributed
+
+            shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -17,11 +18,13 @@ from .. import __version__
 from ..config import RunConfig
 from ..data.augment import augment_batch
 from ..data.cache import TensorSet, load_tensor_set
+from ..data.disk_cache import DiskTensorSet, GlobalBatchSampler, load_disk_tensor_set
 from ..data.samples import discover_samples, split_samples
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_write_csv, atomic_write_json
 from ..models import create
 from .checkpoint import load_training_state, save_training_state, save_weights, transfer_weights
+from .distributed import DistributedContext, convert_sync_batchnorm, init_distributed, rank_device, unwrap
 from .losses import supervised_loss
 
 HISTORY_FIELDS = ("epoch", "train_loss", "val_dice", "lr", "seconds")
@@ -69,8 +72,19 @@ def _standardized(images: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     return (images - stats[:, 0, None, None, None]) / stats[:, 1, None, None, None]
 
 
+def _batches(data: TensorSet | DiskTensorSet, batch_size: int):
+    """(images, masks, stats) in order, ``batch_size`` at a time, from memory or the disk cache."""
+    for start in range(0, len(data), batch_size):
+        if isinstance(data, DiskTensorSet):
+            yield data.batch(range(start, min(start + batch_size, len(data))))
+        else:
+            end = start + batch_size
+            yield data.images[start:end], data.masks[start:end], data.stats[start:end]
+
+
 @torch.no_grad()
-def validation_dice(model, data: TensorSet, device, amp: bool, channels_last: bool, batch_size: int = 8) -> float:
+def validation_dice(model, data: TensorSet | DiskTensorSet, device, amp: bool, channels_last: bool,
+                    batch_size: int = 8) -> float:
     """Mean per-image Dice of the first (nerve) class at the network resolution (threshold 0.5),
     for checkpoint choice.
 
@@ -79,13 +93,13 @@ def validation_dice(model, data: TensorSet, device, amp: bool, channels_last: bo
     """
     model.eval()
     dices = []
-    for start in range(0, len(data), batch_size):
-        x = _standardized(data.images[start : start + batch_size], data.stats[start : start + batch_size]).to(device)
+    for images, masks, stats in _batches(data, batch_size):
+        x = _standardized(images.to(device), stats.to(device))
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(device, amp):
             pred = model(x)[:, :1].float() >= 0
-        truth = data.masks[start : start + batch_size, :1].to(device) >= 0.5
+        truth = masks[:, :1].to(device) >= 0.5
         inter = (pred & truth).flatten(1).sum(1).float()
         total = (pred.flatten(1).sum(1) + truth.flatten(1).sum(1)).float()
         dices.append(torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total)).cpu())
@@ -157,54 +171,91 @@ def resolve_init_from(init_from: str, fold: int | None = None) -> Path:
     return source
 
 
-def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> TrainResult:
+def load_training_data(config: RunConfig, train_samples, val_samples, ctx: DistributedContext,
+                       cache_dir: str | Path | None, log):
+    """The decoded training and validation sets: in memory (``train.data_cache = "memory"``) or
+    memory-mapped from the on-disk cache ("disk"), which the first process of each node builds
+    while the others wait, then every process opens."""
+    size = config.preprocess.size
+    label = config.data.labels if config.data.labels is not None else config.data.label
+    if config.train.data_cache == "memory":
+        train_set, problems = load_tensor_set(train_samples, size, label)
+        val_set, val_problems = load_tensor_set(val_samples, size, label)
+        return train_set, val_set, problems + val_problems
+    sets = []
+    for first in (True, False):  # local rank 0 builds; then (after the barrier) the rest open
+        if first == (ctx.local_rank == 0):
+            quiet = None if ctx.is_main else (lambda m: None)
+            sets = [load_disk_tensor_set(samples, size, label, cache_dir, log=(quiet or log))
+                    for samples in (train_samples, val_samples)]
+        ctx.barrier()
+    (train_set, problems), (val_set, val_problems) = sets
+    return train_set, val_set, problems + val_problems
+
+
+def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None,
+          cache_dir: str | Path | None = None) -> TrainResult:
     """Train ``config`` into ``out_dir``; with ``resume`` continue an interrupted run there.
 
     Writes ``config.json``, ``model.safetensors`` (best validation Dice; the last epoch when
     there is no validation set, ``val_fraction=0``), ``last.safetensors``
     (weights + optimizer + loop state for resuming) and ``history.csv``; every write is atomic.
+
+    Under torchrun (``WORLD_SIZE`` > 1) each process trains its share of every global batch with
+    DistributedDataParallel and rank 0 alone validates and writes (training/distributed.py).
+    ``cache_dir`` is where ``train.data_cache = "disk"`` keeps its entries (default
+    ``$NERVESEG_CACHE_DIR`` or ~/.cache/nerveseg).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     out = Path(out_dir)
     config_path, last_path = out / "config.json", out / "last.safetensors"
+    cfg = config.train
+    device = resolve_device(cfg.device)
+    ctx = init_distributed(device)
+    device = rank_device(device, ctx)
+    if not ctx.is_main:
+        log = lambda msg: None  # noqa: E731 -- one voice: rank 0's
+        progress = False
+    # every check before any write, on every rank: rank 0's first write must not fail another's check
     if resume:
         if not config_path.exists():
             raise ConfigError(f"{out}: nothing to resume (no config.json); start without --resume")
-        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX);
-        # a run folder has one writer, so on resume every such file is an orphan
-        for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv"):
-            for orphan in out.glob(f".{name}.*.tmp*"):
-                orphan.unlink(missing_ok=True)
         saved = RunConfig.load(config_path)
         saved.train.epochs = config.train.epochs  # the only thing a resume may change: run longer
         config = saved
     elif config_path.exists():
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    ctx.barrier()
+    if resume and ctx.is_main:
+        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX);
+        # a run folder has one writer, so on resume every such file is an orphan
+        for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv"):
+            for orphan in out.glob(f".{name}.*.tmp*"):
+                orphan.unlink(missing_ok=True)
     cfg = config.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = resolve_device(cfg.device)
 
     train_samples, val_samples = prepare_split(config, log)
     if resume and (config.train_stems != RunConfig.load(config_path).train_stems):
         raise ConfigError(f"{out}: the data folder changed since this run started; cannot resume on another split")
-    size = config.preprocess.size
-    label = config.data.labels if config.data.labels is not None else config.data.label
-    train_set, problems = load_tensor_set(train_samples, size, label)
-    val_set, val_problems = load_tensor_set(val_samples, size, label)
-    for problem in problems + val_problems:
+    train_set, val_set, problems = load_training_data(config, train_samples, val_samples, ctx, cache_dir, log)
+    for problem in problems:
         log(f"warning: skipped {problem}")
     if len(train_set) == 0:
         raise InputError(config.data.data_dir, "no usable training pairs", "see the warnings above")
-    config.train_stems, config.val_stems = train_set.stems, val_set.stems
+    config.train_stems, config.val_stems = list(train_set.stems), list(val_set.stems)
     config.nerveseg_version = __version__
-    # keep the decoded set on the training device: on a GPU, batches and their augmentation then
-    # never cross the bus (the random draws still come from the CPU generator, so a run is the
-    # same on either device up to floating point)
-    train_set, val_set = train_set.to(device), val_set.to(device)
-    out.mkdir(parents=True, exist_ok=True)
+    in_memory = isinstance(train_set, TensorSet)
+    if in_memory:
+        # keep the decoded set on the training device: on a GPU, batches and their augmentation then
+        # never cross the bus (the random draws still come from the CPU generator, so a run is the
+        # same on either device up to floating point)
+        train_set, val_set = train_set.to(device), val_set.to(device)
     config.model.kwargs = model_kwargs(config)
-    atomic_write_json(config_path, config.to_dict())
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(config_path, config.to_dict())
     torch.manual_seed(config.data.seed)  # the same seed gives the same initial weights
     model = create(config.model.arch, **config.model.kwargs)
     if cfg.init_from and not (resume and last_path.exists()):
@@ -214,15 +265,26 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if ctx.enabled:
+        if cfg.sync_batchnorm:
+            model = convert_sync_batchnorm(model, device).to(device)
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = _read_history(out / "history.csv")
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
     if resume and last_path.exists():
-        state = load_training_state(model, optimizer, last_path)
+        state = load_training_state(unwrap(model), optimizer, last_path)
         start_epoch, best_dice, best_epoch = state["epoch"] + 1, state["best_val_dice"], state["best_epoch"]
         history = history[:start_epoch]
         log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs} (best val Dice {best_dice:.4f})")
 
+    loader = sampler = None
+    if not in_memory:
+        sampler = GlobalBatchSampler(cfg.batch_size)
+        workers = cfg.loader_workers
+        loader = torch.utils.data.DataLoader(
+            train_set.dataset(), batch_sampler=sampler, num_workers=workers, persistent_workers=workers > 0,
+            pin_memory=device.type == "cuda")
     steps_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
     bar = tqdm(
         total=cfg.epochs * steps_per_epoch,
@@ -235,17 +297,29 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     model.train()
     for epoch in range(start_epoch, cfg.epochs):
         epoch_start = time.perf_counter()
-        # one generator per epoch seeded by (seed, epoch): a resumed run draws the same batches
+        # one generator per epoch seeded by (seed, epoch): a resumed run draws the same batches, and
+        # so does every rank of a distributed run (each then keeps its share of each batch)
         gen = torch.Generator().manual_seed(config.data.seed * 100_003 + epoch)
-        order = torch.randperm(len(train_set), generator=gen).to(device)
+        order = torch.randperm(len(train_set), generator=gen)
+        if in_memory:
+            order = order.to(device)
+            batches = ((train_set.images[idx], train_set.masks[idx], train_set.stats[idx])
+                       for idx in (order[k * cfg.batch_size : (k + 1) * cfg.batch_size] for k in range(steps_per_epoch)))
+        else:
+            sampler.set_order(order.tolist())
+            batches = iter(loader)
         losses = []
         bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            images, masks = augment_batch(
-                train_set.images[idx], train_set.masks[idx], cfg.augment, cfg.shear_degrees, generator=gen
-            )
-            x = _standardized(images, train_set.stats[idx]).to(device)
+        for step, (images, masks, stats) in enumerate(batches):
+            images, masks = augment_batch(images.to(device), masks.to(device), cfg.augment, cfg.shear_degrees, generator=gen)
+            n_batch = len(images)
+            if ctx.enabled:
+                if n_batch < ctx.world_size:  # every rank needs an image; this tail batch is left out on all ranks
+                    bar.update(1)
+                    continue
+                keep = ctx.rank_slice(torch.arange(n_batch, device=images.device))
+                images, masks, stats = images[keep], masks[keep], stats.to(device)[keep]
+            x = _standardized(images, stats.to(device)).to(device)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = masks.to(device)
@@ -255,35 +329,44 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             with autocast_context(device, cfg.amp):
                 output = model(x)
             loss = supervised_loss(cfg.loss, output, y)
+            losses.append(loss.item())
+            if ctx.enabled:
+                # DDP averages the ranks' gradients; weighting each rank's mean loss by its share of the
+                # global batch makes that average the gradient of the mean loss over the global batch
+                loss = loss * (len(x) * ctx.world_size / n_batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{max(best_dice, 0):.4f}")
-        val_dice = validation_dice(model, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
-        improved = len(val_set) > 0 and val_dice > best_dice
-        if improved:
-            best_dice, best_epoch = val_dice, epoch
-        elif len(val_set) == 0:
-            best_epoch = epoch
-        if improved or len(val_set) == 0 or cfg.checkpoint == "last":
-            save_weights(model, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
-        history.append(
-            {
-                "epoch": epoch + 1,
-                "train_loss": f"{np.mean(losses):.6f}",
-                "val_dice": f"{val_dice:.6f}",
-                "lr": f"{lr:.3e}",
-                "seconds": f"{time.perf_counter() - epoch_start:.2f}",
-            }
-        )
-        _write_history(out / "history.csv", history)
-        save_training_state(
-            model, optimizer, last_path, {"epoch": epoch, "best_val_dice": best_dice, "best_epoch": best_epoch}
-        )
-        bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{val_dice:.4f}")
+        epoch_loss = ctx.mean(float(np.mean(losses)) if losses else float("nan"))
+        if ctx.is_main:
+            net = unwrap(model)
+            val_dice = validation_dice(net, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
+            improved = len(val_set) > 0 and val_dice > best_dice
+            if improved:
+                best_dice, best_epoch = val_dice, epoch
+            elif len(val_set) == 0:
+                best_epoch = epoch
+            if improved or len(val_set) == 0 or cfg.checkpoint == "last":
+                save_weights(net, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
+            history.append(
+                {
+                    "epoch": epoch + 1,
+                    "train_loss": f"{epoch_loss:.6f}",
+                    "val_dice": f"{val_dice:.6f}",
+                    "lr": f"{lr:.3e}",
+                    "seconds": f"{time.perf_counter() - epoch_start:.2f}",
+                }
+            )
+            _write_history(out / "history.csv", history)
+            save_training_state(
+                net, optimizer, last_path, {"epoch": epoch, "best_val_dice": best_dice, "best_epoch": best_epoch}
+            )
+            bar.set_postfix(loss=f"{epoch_loss:.4f}", val_dice=f"{val_dice:.4f}")
+        ctx.barrier()  # the others wait for rank 0's checkpoint: a kill now leaves a complete epoch
     bar.close()
+    best_dice, best_epoch = ctx.broadcast((best_dice, best_epoch))
     return TrainResult(out, best_dice, best_epoch + 1, cfg.epochs - start_epoch, time.perf_counter() - t0)
 
 
@@ -303,7 +386,8 @@ def ensemble_config(fold_configs: list[RunConfig], members: list[str]) -> RunCon
     return config
 
 
-def train_all_folds(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None) -> list[TrainResult]:
+def train_all_folds(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None,
+                    cache_dir: str | Path | None = None) -> list[TrainResult]:
     """Cross-validation that ships: train fold k of ``config.data.folds`` into ``OUT/fold_k`` for
     every k, then write ``OUT/config.json`` naming them as ``members``, which makes ``OUT`` an
     ensemble that every predictor and command loads like one model (probabilities averaged).
@@ -323,8 +407,9 @@ def train_all_folds(config: RunConfig, out_dir: str | Path, resume: bool = False
         run_dir = out / fold_run_name(fold)
         log(f"fold {fold + 1}/{config.data.folds} -> {run_dir}")
         results.append(train(fold_config, run_dir, resume=resume and (run_dir / "config.json").exists(),
-                             progress=progress, log=log))
+                             progress=progress, log=log, cache_dir=cache_dir))
         configs.append(RunConfig.load(run_dir / "config.json"))
         members.append(fold_run_name(fold))
-    atomic_write_json(out / "config.json", ensemble_config(configs, members).to_dict())
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 writes (the folds' barriers synchronised us)
+        atomic_write_json(out / "config.json", ensemble_config(configs, members).to_dict())
     return results
