@@ -267,3 +267,17 @@ def test_training_from_the_disk_cache_matches_training_from_memory(tmp_path):
     train(more, tmp_path / "disk", resume=True, progress=False, log=logs.append, cache_dir=tmp_path / "cache")
     assert sorted((tmp_path / "cache").iterdir()) == entries
     assert sum("cache: reusing" in m for m in logs) == 2
+
+
+def test_benchmark_under_torchrun_trains_each_run_once_and_reports_once(tmp_path):
+    data = write_ellipse_dataset(tmp_path / "data", 8, height=40, width=48)
+    out = tmp_path / "bench"
+    log = _run(["benchmark", "--data", str(data), "--label", "1", "--archs", "unet", "--seeds", "1", "--folds", "2",
+                "--epochs", "1", "--size", "32", "--threads", "1", "--out", str(out), "--quiet", "--no-latency"])
+    assert log.count("wrote ") == 1, log
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["stem"] for r in rows) == [f"{i:03d}" for i in range(8)]  # each image validated once
+    for fold in (0, 1):
+        with open(out / "runs" / "unet" / f"seed0_fold{fold}" / "history.csv", newline="") as f:
+            assert len(list(csv.DictReader(f))) == 1

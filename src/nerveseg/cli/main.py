@@ -242,12 +242,15 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
             augment=tuple(a for a in args.augment.split(",") if a), num_threads=args.threads, device=args.device,
+            sync_batchnorm=args.sync_bn,
         ),
         command=("nerveseg " + " ".join(sys.argv[1:])) if sys.argv and Path(sys.argv[0]).name in ("nerveseg", "__main__.py") else "",
     )
     result = run_benchmark(config, args.out, resume=args.resume or args.collect_only, progress=not args.quiet,
                            measure_latency=not args.no_latency, shard=parse_shard(args.shard),
                            collect_only=args.collect_only)
+    if not _is_main_process():  # under torchrun, rank 0 reports
+        return 0
     print(result["summary"])
     print(f"wrote {args.out}/results.csv ({result['rows']} rows from {result['runs']} of {result['planned']} runs), "
           "summary.md" + (", roc.png" if result["runs"] else ""))
@@ -424,6 +427,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", default="shear")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronised BatchNorm (see `train --sync-bn`)")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue; finished runs are not redone")

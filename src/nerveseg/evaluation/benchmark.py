@@ -85,7 +85,8 @@ def run_dir_for(out: Path, arch: str, seed: int, fold: int) -> Path:
     return out / "runs" / arch / f"seed{seed}_fold{fold}"
 
 
-def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, samples_by_stem: dict) -> None:
+def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, samples_by_stem: dict,
+             is_main: bool = True) -> None:
     run_dir = run_dir_for(out, arch, seed, fold)
     run_config = RunConfig(
         model=ModelConfig(arch),
@@ -95,8 +96,11 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
     )
     t0 = time.perf_counter()
     if not (run_dir / "model.safetensors").exists() or not _finished_training(run_dir, cfg.train.epochs):
+        # under torchrun every rank trains (DDP); rank 0 alone evaluates and writes below
         train(run_config, run_dir, resume=(run_dir / "config.json").exists(), progress=False, log=lambda m: None)
     train_seconds = time.perf_counter() - t0
+    if not is_main:
+        return
     predictor = Predictor.from_run(run_dir)
     val = select_subset(list(samples_by_stem.values()), predictor, "val")
     rows_by_class, rocs, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
@@ -305,7 +309,14 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
     seed, fold, arch), so n processes can share ``out_dir``. ``collect_only`` trains nothing and
     summarizes the runs that have finished.
     """
+    from ..training.distributed import init_distributed
+    from ..training.trainer import resolve_device
+
+    # under torchrun the ranks train each run together; shard splits runs between torchrun groups
+    ctx = init_distributed(resolve_device(cfg.train.device))
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    if not ctx.is_main:
+        log, progress = (lambda msg: None), False
     out = Path(out_dir)
     saved_path = out / "benchmark.json"
     if saved_path.exists():
@@ -318,8 +329,10 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
 
         if recipe(saved) != recipe(cfg):
             raise ConfigError(f"{out}: the recipe differs from the saved benchmark.json; use another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(saved_path, cfg.to_dict())
+    ctx.barrier()  # every rank checked before rank 0 writes
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(saved_path, cfg.to_dict())
 
     samples, problems = discover_samples(cfg.data_dir)
     for problem in problems:
@@ -334,10 +347,14 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
     bar = tqdm(total=len(mine), initial=len(mine) - len(todo), disable=not progress, unit="run", dynamic_ncols=True)
     for seed, fold, arch in todo:
         bar.set_description(f"{arch} seed {seed} fold {fold}")
-        _run_one(cfg, out, arch, seed, fold, samples_by_stem)
-        write_results(out / "results.csv", collect_results(cfg, out, samples_by_stem))
+        _run_one(cfg, out, arch, seed, fold, samples_by_stem, is_main=ctx.is_main)
+        if ctx.is_main:
+            write_results(out / "results.csv", collect_results(cfg, out, samples_by_stem))
+        ctx.barrier()
         bar.update(1)
     bar.close()
+    if not ctx.is_main:
+        return {"rows": 0, "runs": 0, "planned": len(jobs), "summary": ""}
 
     rows = collect_results(cfg, out, samples_by_stem)
     write_results(out / "results.csv", rows)
