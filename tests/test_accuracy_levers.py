@@ -40,7 +40,8 @@ PAPER_CONFIG_BEFORE = {
 NEW_FIELDS_OFF = {
     "data": {"labels": None, "label_names": None},
     "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None,
-              "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False},  # issue 13
+              "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False,  # issue 13
+              "compile": None},
 }
 
 

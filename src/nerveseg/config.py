@@ -23,6 +23,7 @@ SCHEDULES = ("constant", "cosine", "poly")
 LOSSES = ("dice", "dice_ce")
 CHECKPOINTS = ("best", "last")
 DATA_CACHES = ("memory", "disk")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 MAX_MODEL_PARAMETERS = 100_000_000
 """Largest network a run folder's config.json may describe (11x the largest registered network
@@ -145,6 +146,9 @@ class TrainConfig:
     data_cache: str = "memory"  # "disk": decode once into memory-mapped files, read by DataLoader workers
     loader_workers: int = 2  # DataLoader worker processes for data_cache = "disk"
     sync_batchnorm: bool = False  # under torchrun: BatchNorm statistics of the global batch, not each rank's
+    # torch.compile mode for the training step ("default", "reduce-overhead" = CUDA graphs, ...): SA-UNet's
+    # many small kernels leave a GPU waiting on launches; None = eager
+    compile: str | None = None
 
     def __post_init__(self) -> None:
         self.augment = tuple(self.augment)
@@ -159,6 +163,8 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.data_cache not in DATA_CACHES:
             raise ConfigError(f"unknown data cache {self.data_cache!r}; choose from {', '.join(DATA_CACHES)}")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise ConfigError(f"unknown compile mode {self.compile!r}; choose from {', '.join(COMPILE_MODES)}")
         if self.loader_workers < 0:
             raise ConfigError("loader_workers must be >= 0")
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0 or self.lr == float("inf"):

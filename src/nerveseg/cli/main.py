@@ -98,7 +98,7 @@ def _train_config(args: argparse.Namespace):
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
                    device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
                    checkpoint=args.checkpoint, init_from=args.init_from, data_cache=args.data_cache,
-                   loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn),
+                   loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn, compile=args.compile),
         inference=dict(tta=args.tta),
     )
 
@@ -189,11 +189,26 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..inference import segment_files
     from ..inference.calibration import spacing_from_user
     from ..inference.onnx_backend import load_predictor
-    from ..inference.segment import SegmentOptions
+    from ..inference.segment import SegmentOptions, parse_shard, plan_inputs
     from ..pretrained import pretrained_dir
 
+    if not args.inputs and args.list is None:
+        raise ConfigError("give the inputs: files or folders, or --list FILE.csv")
+    shard = parse_shard(args.shard)
+    log = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    if args.collect_only:  # no model: the inputs are listed only to tell which are missing
+        from ..inference.archive import collect
+
+        items, problems = plan_inputs(args.inputs, Path(args.out), recursive=args.recursive, list_file=args.list, log=log)
+        return _report_collect(collect(args.out, planned=[it.path for it in items], log=log, failed=problems))
+    if args.threads is not None:
+        import torch
+
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
     model_dir = args.model or pretrained_dir()
-    predictor = load_predictor(model_dir, backend=args.backend, device=args.device)
+    predictor = load_predictor(model_dir, backend=args.backend, device=args.device, intra_op_num_threads=args.threads)
     options = SegmentOptions(
         threshold=args.threshold,
         spacing=spacing_from_user(args.mm_per_pixel, args.spacing),
@@ -203,16 +218,45 @@ def cmd_segment(args: argparse.Namespace) -> int:
         labelme=args.labelme,
         temporal_smoothing=args.temporal_smoothing,
     )
-    result = segment_files(args.inputs, predictor, args.out, options, log=lambda m: print(m, file=sys.stderr),
-                           resume=args.resume)
+    result = segment_files(args.inputs, predictor, args.out, options, log=log, resume=args.resume,
+                           recursive=args.recursive, list_file=args.list, shard=shard)
     n_inputs = len({row["file"] for row in result.rows})
     resumed = f" ({len(result.skipped)} already complete, kept)" if result.skipped else ""
-    print(f"segmented {n_inputs} input(s){resumed} with the model in {model_dir}: {len(result.rows)} measurement row(s), "
-          f"{len(result.problems)} problem(s); wrote {args.out}/measurements.csv")
+    job = f" (job {shard[0]}/{shard[1]}: {result.planned} input(s) of the whole)" if shard[1] > 1 else ""
+    print(f"segmented {n_inputs} input(s){resumed}{job} with the model in {model_dir}: {len(result.rows)} measurement "
+          f"row(s), {len(result.problems)} problem(s); wrote {result.table}")
+    if shard[1] > 1:
+        print(f"when every job has finished: nerveseg collect {args.out}")
     if result.problems:
         print(f"nerveseg segment: {len(result.problems)} input(s) not segmented (listed above as error:); "
               "exit status 1", file=sys.stderr)
     return 1 if result.problems else 0
+
+
+def cmd_collect(args: argparse.Namespace) -> int:
+    from ..inference.archive import collect
+
+    return _report_collect(collect(args.out, log=lambda m: print(m, file=sys.stderr)))
+
+
+def _report_collect(result) -> int:
+    jobs = f" of {result.shards} jobs" if result.shards > 1 else ""
+    print(f"collected {result.inputs} input(s){jobs}: {result.rows} row(s) in {result.table}; {len(result.missing)} "
+          f"missing, {len(result.failed)} failed, {len(result.problems)} job problem(s) (collect.json lists them)")
+    return 0 if result.complete else 1
+
+
+COLLECT_HELP = """\
+Join the measurements tables that `nerveseg segment` jobs wrote into OUT (measurements.shard-I-of-N.csv,
+or one job's measurements.csv) into OUT/measurements.csv, sorted by relative path (or file), frame and
+component: the same bytes however the work was split or resumed. Also writes OUT/videos.json and
+OUT/collect.json (missing inputs, failed inputs, jobs that have not run or not finished).
+
+exit status:
+  0  the table is complete: every job finished and every input has its rows
+  1  the table was written, but inputs are missing or failed, or a job has not finished (listed)
+  2  nothing was collected: no table in OUT, or tables of different splits (N)
+"""
 
 
 SEGMENT_EXIT_CODES = """\
@@ -357,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-workers", type=int, default=None, help="DataLoader processes for --data-cache disk (default 2)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: BatchNorm statistics of the global batch rather than each process's share")
+    p.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile the training step (GPU: reduce-overhead replays CUDA graphs; see docs/SCALE.md)")
     p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -392,8 +438,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images, DICOM or cine loops; write masks, overlays, measurements.csv",
                        epilog=SEGMENT_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", help="image, DICOM or video files, or folders of them (not searched "
-                   "recursively; other files and sub-folders are reported)")
+    p.add_argument("inputs", nargs="*", help="image, DICOM or video files, or folders of them (sub-folders are "
+                   "searched with --recursive, else reported; other files are reported)")
+    p.add_argument("--recursive", action="store_true",
+                   help="search input folders and their sub-folders; results mirror the tree: ROOT/a/b/case.png -> "
+                        "OUT/a/b/case_mask.png (paths relative to the folder given, or to the deepest folder holding "
+                        "all the folders given), and measurements get a relpath column")
+    p.add_argument("--list", default=None, metavar="FILE.csv",
+                   help="segment the files in a CSV with a column 'path' (or a text file, one path per line); relative "
+                        "paths are read from the list's folder, and results mirror them below --out as with --recursive; "
+                        "bad lines are reported and the rest go on")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="job I (0-based) of N sharing --out: segments only the inputs whose name hashes to I (needs no "
+                        "coordination; give every job the same inputs) and writes measurements.shard-I-of-N.csv; "
+                        "then `nerveseg collect OUT`. 0/1 (default): all inputs, measurements.csv. See docs/SCALE.md")
+    p.add_argument("--collect-only", action="store_true",
+                   help="segment nothing: join the jobs' tables in --out into measurements.csv (as `nerveseg collect`) "
+                        "and report which of the inputs given are missing")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the network (torch and onnxruntime; default: theirs). With N jobs on one "
+                        "machine, give each cores/N")
     p.add_argument("--model", default=None, help="run folder from `nerveseg train` (default: the shipped SA-UNet)")
     p.add_argument("--out", required=True)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="isotropic pixel size in mm (overrides DICOM)")
@@ -410,8 +474,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true",
                    help="skip inputs whose outputs in --out are complete (their rows in measurements.csv and every "
                         "mask/overlay file, or a loop's overlay video); the rest are segmented and measurements.csv "
-                        "ends with every input's rows. Use the same inputs and options as the interrupted run")
+                        "ends with every input's rows. Use the same inputs and options as the interrupted run "
+                        "(and the same --shard: each job resumes its own table)")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("collect", help="join the measurements tables of `segment --shard` jobs into one measurements.csv",
+                       description=COLLECT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="the --out folder the segment jobs shared")
+    p.set_defaults(func=cmd_collect)
 
     p = sub.add_parser("benchmark", help="train + evaluate several architectures on identical splits (paper Tables 2-3)")
     p.add_argument("--data", required=True)

@@ -269,6 +269,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         if cfg.sync_batchnorm:
             model = convert_sync_batchnorm(model, device).to(device)
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    # the compiled module shares the parameters: validation and checkpoints use ``model`` itself
+    step_model = torch.compile(model, mode=cfg.compile, dynamic=False) if cfg.compile else model
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     history = _read_history(out / "history.csv")
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
@@ -327,7 +329,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast_context(device, cfg.amp):
-                output = model(x)
+                output = step_model(x)
             loss = supervised_loss(cfg.loss, output, y)
             losses.append(loss.item())
             if ctx.enabled:
