@@ -87,7 +87,7 @@ class DiskTensorSet:
         self.meta = meta
         self.size, self.channels, self.n = int(meta["size"]), len(meta["labels"]), int(meta["n"])
         self.stems: list[str] = list(meta["stems"])
-        self.stats = torch.from_numpy(np.load(self.folder / "stats.npy"))
+        self.stats = torch.from_numpy(np.load(self.folder / "stats.npy", allow_pickle=False))
         self._maps = None
         self._read_since_drop = 0
 
