@@ -71,7 +71,7 @@ final)
   # model is scored on its own held-out fold (--subset cv), with and without the inference options
   for arch in ${ARCHS:-sa_unet unet}; do
     name=${arch}_nerveseg
-    train $name --recipe nerveseg --arch $arch --folds 5 --all-folds
+    train $name --recipe nerveseg_128_vessels --arch $arch --folds 5 --all-folds
     cv() {  # tag, evaluate args
       local tag=$1; shift
       [ -f "$OUT/$name/cv_$tag/metrics.json" ] || nerveseg evaluate --model "$OUT/$name" --data "$DATA" --subset cv \
@@ -90,6 +90,7 @@ final256)
   # shear, hflip, gamma, contrast; nerve only, as vessels cost the nerve a little on the screen),
   # last epoch kept; 5 folds, each scored on its own held-out fold
   name=sa_unet_e2_dice_ce_poly
+  # (these flags are what `--recipe nerveseg` now is; the runs were made with them, before the recipe was renamed)
   train $name --recipe nerveseg --label 1 --size 256 --augment shear,hflip,gamma,contrast --folds 5 --all-folds
   [ -f "$OUT/$name/cv_plain/metrics.json" ] || nerveseg evaluate --model "$OUT/$name" --data "$DATA" --subset cv \
     --no-overlays --quiet --backend torch --out "$OUT/$name/cv_plain" --no-tta --keep-largest ''
@@ -98,13 +99,13 @@ curve)
   # fine-tuning learning curve: pretrained on folds 3-4, N images of folds 1-2, scored on fold 0
   python benchmarks/learning_curve_views.py "$DATA" "$OUT/curve_views"
   V="$OUT/curve_views"
-  train curve_pretrain --recipe nerveseg --data "$V/pretrain" --val-fraction 0 --epochs 60
+  train curve_pretrain --recipe nerveseg_128_vessels --data "$V/pretrain" --val-fraction 0 --epochs 60
   for n in 5 10 20 50; do
     # 300 optimiser steps whatever N (batch 4), so small sets are not under-trained
     steps_per_epoch=$(( (n + 3) / 4 ))
     epochs=$(( (300 + steps_per_epoch - 1) / steps_per_epoch ))
-    train curve_scratch_n$n --recipe nerveseg --data "$V/n$n" --val-fraction 0 --epochs $epochs
-    train curve_finetune_n$n --recipe nerveseg --data "$V/n$n" --val-fraction 0 --epochs $epochs \
+    train curve_scratch_n$n --recipe nerveseg_128_vessels --data "$V/n$n" --val-fraction 0 --epochs $epochs
+    train curve_finetune_n$n --recipe nerveseg_128_vessels --data "$V/n$n" --val-fraction 0 --epochs $epochs \
       --init-from "$OUT/curve_pretrain" --lr 2e-4
   done
   for run in curve_pretrain curve_scratch_n5 curve_finetune_n5 curve_scratch_n10 curve_finetune_n10 \

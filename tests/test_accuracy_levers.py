@@ -68,10 +68,11 @@ def test_recipe_paper_reproduces_the_config_of_before(tmp_path):
 
 
 def test_recipes_are_listed_in_full_and_flags_win(capsys):
-    assert list_recipes() == ["paper", "nerveseg"]
+    assert list_recipes() == ["paper", "nerveseg", "nerveseg_128_vessels"]
     assert main(["recipes"]) == 0
     printed = capsys.readouterr().out
-    for name in ("recipe paper", "recipe nerveseg", "train.loss = dice_ce", "train.schedule = poly", "data.labels = [1, 2]"):
+    for name in ("recipe paper", "recipe nerveseg", "recipe nerveseg_128_vessels", "train.loss = dice_ce",
+                 "train.schedule = poly", "data.labels = [1, 2]"):
         assert name in printed
     assert "train.augment" in describe("paper")
     config = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O", "--epochs", "7", "--arch", "unet", "--labels", "1"])
@@ -79,6 +80,19 @@ def test_recipes_are_listed_in_full_and_flags_win(capsys):
     assert config.train.loss == "dice_ce" and config.recipe == "nerveseg"
     with pytest.raises(ConfigError, match="unknown recipe"):
         build_run_config("fast")
+
+
+def test_recipe_nerveseg_is_the_study_winner_and_gives_way_to_class_flags():
+    # the configuration that was cross-validated and shipped (docs/benchmarks.md, "Accuracy study")
+    config = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O"])
+    assert (config.preprocess.size, config.data.label, config.data.labels) == (256, 1, None)
+    assert config.train.augment == ("shear", "hflip", "gamma", "contrast")
+    assert (config.train.loss, config.train.schedule, config.train.checkpoint, config.train.epochs) == ("dice_ce", "poly", "last", 60)
+    # asking for several classes replaces the recipe's single label instead of contradicting it
+    multi = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O", "--labels", "1,2"])
+    assert multi.data.class_labels == (1, 2) and multi.data.class_names == ("nerve", "class2")
+    old = _cli_config(["--recipe", "nerveseg_128_vessels", "--data", "D", "--out", "O"])
+    assert old.preprocess.size == 128 and old.data.labels == (1, 2) and old.data.label_names == ("nerve", "vessel")
 
 
 def test_label_options_are_validated():

@@ -362,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a network (the paper's recipe by default; see `nerveseg recipes`)")
     p.add_argument("--data", required=True, help="folder with images/ and masks/ (optional manifest.csv)")
-    p.add_argument("--recipe", default="paper", help="named recipe to start from: paper (default), nerveseg")
+    p.add_argument("--recipe", default="paper", help="named recipe to start from: paper (default), nerveseg (the shipped model's), "
+                        "nerveseg_128_vessels; `nerveseg recipes` prints them")
     p.add_argument("--label", type=_label, default=None,
                    help="foreground: pixel value, or LabelMe shape name (default: any non-zero; usgra-seg nerve = 1)")
     p.add_argument("--labels", type=_labels, default=None,
