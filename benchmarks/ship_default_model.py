@@ -46,7 +46,7 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None) -> None:
                 weights_hash=weights_sha256(dest / "model.safetensors"))
 
 
-def model_card(cv_metrics: Path, config: RunConfig) -> dict:
+def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None) -> dict:
     """The summary `nerveseg serve` shows (web/model_slot.py), from the cross-validation metrics."""
     import json
 
@@ -56,11 +56,14 @@ def model_card(cv_metrics: Path, config: RunConfig) -> dict:
         f"{name} Dice {c['dice']['mean']:.3f} ± {c['dice']['sd']:.3f}, {100 * c['zero_overlap_rate']:.1f}% complete misses"
         for name, c in classes.items()
     )
-    members = len(config.members) or 1
+    if config.members:  # the ensemble itself was cross-validated
+        how = f"{len(config.members)}-fold cross-validation of these members"
+    else:  # one model on all images: the figures are its recipe's, from fold models that never saw the image
+        how = f"the same recipe, {cv_folds or '?'}-fold cross-validation; these weights saw every image"
     return {
         "name": "sa_unet_usgra",
         "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
-        "validation": f"{members}-fold cross-validation, each image scored by the fold model that never saw it "
+        "validation": f"{how}, each image scored by a fold model that never saw it "
                       f"({m['n_images']} images): {figures} (docs/MODEL_CARD.md)",
         "limits": "not trained on the median nerve at the wrist or forearm, other machines, children or pathology; "
                   "check every outline",
@@ -75,6 +78,7 @@ def main() -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
+    parser.add_argument("--cv-folds", type=int, default=None, help="how many folds those metrics cover (a single model)")
     args = parser.parse_args()
     dest = PACKAGE / args.name
     if dest.exists():
@@ -82,7 +86,8 @@ def main() -> None:
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
     ship_run(Path(args.run), dest, args.tta, keep)
     if args.cv_metrics:
-        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), RunConfig.load(dest / "config.json")))
+        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), RunConfig.load(dest / "config.json"),
+                                                                args.cv_folds))
     for path in sorted(dest.rglob("*")):
         if path.is_file():
             path.chmod(0o644)
