@@ -59,7 +59,8 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None)
     if config.members:  # the ensemble itself was cross-validated
         how = f"{len(config.members)}-fold cross-validation of these members"
     else:  # one model on all images: the figures are its recipe's, from fold models that never saw the image
-        how = f"the same recipe, {cv_folds or '?'}-fold cross-validation; these weights saw every image"
+        how = (f"these weights saw every image; their recipe was cross-validated on {cv_folds or '?'} held-out "
+               "fold(s) of a 5-fold split by image")
     return {
         "name": "sa_unet_usgra",
         "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
-    parser.add_argument("--cv-folds", type=int, default=None, help="how many folds those metrics cover (a single model)")
+    parser.add_argument("--cv-folds", type=int, default=None, help="how many held-out folds those metrics cover (a single model)")
     args = parser.parse_args()
     dest = PACKAGE / args.name
     if dest.exists():
