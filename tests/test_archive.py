@@ -18,6 +18,7 @@ from nerveseg.cli import main
 from nerveseg.errors import InputError
 from nerveseg.inference.archive import collect
 from nerveseg.inference.segment import plan_inputs, read_input_list, shard_file_names, shard_of, segment_files
+from test_batch_semantics import CountingPredictor
 from test_segment_media import DiscPredictor, _write_cine
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis: pip install -e '.[test]'")
@@ -25,16 +26,6 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 QUIET = dict(log=lambda m: None)
-
-
-class CountingPredictor(DiscPredictor):
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.frames = 0
-
-    def predict_many(self, images, batch_size=4):
-        self.frames += len(images)
-        return super().predict_many(images, batch_size)
 
 
 def _image(path: Path, seed: int = 0, size=(40, 50)) -> Path:

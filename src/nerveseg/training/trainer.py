@@ -182,13 +182,14 @@ def load_training_data(config: RunConfig, train_samples, val_samples, ctx: Distr
         train_set, problems = load_tensor_set(train_samples, size, label)
         val_set, val_problems = load_tensor_set(val_samples, size, label)
         return train_set, val_set, problems + val_problems
-    sets = []
-    for first in (True, False):  # local rank 0 builds; then (after the barrier) the rest open
-        if first == (ctx.local_rank == 0):
-            quiet = None if ctx.is_main else (lambda m: None)
-            sets = [load_disk_tensor_set(samples, size, label, cache_dir, log=(quiet or log))
-                    for samples in (train_samples, val_samples)]
-        ctx.barrier()
+    def open_cache():
+        return [load_disk_tensor_set(samples, size, label, cache_dir, log=log) for samples in (train_samples, val_samples)]
+
+    if ctx.local_rank == 0:  # builds the entries (or finds them) while the node's other ranks wait
+        sets = open_cache()
+    ctx.barrier()
+    if ctx.local_rank != 0:
+        sets = open_cache()
     (train_set, problems), (val_set, val_problems) = sets
     return train_set, val_set, problems + val_problems
 
