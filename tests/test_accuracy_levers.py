@@ -412,3 +412,45 @@ def test_all_folds_ensemble_cv_and_fine_tuning(tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--data", str(data), "--init-from", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]) == 2
     assert "needs a run folder" in capsys.readouterr().err
+
+
+def _single_run(path, arch, data, seed):
+    """A trained-looking run folder: a small ``arch`` with seeded random weights, nerve only, 32 px."""
+    torch.manual_seed(seed)
+    config = RunConfig(model=ModelConfig(arch, dict(SMALL)), preprocess=PreprocessConfig(size=32),
+                       data=DataConfig(str(data), label=1, folds=3, fold=0, seed=0))
+    config.train_stems, config.val_stems = ["000", "001"], ["002"]
+    path.mkdir(parents=True)
+    save_weights(create(arch, **SMALL).eval(), path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def test_mixed_architecture_ensemble_averages_its_members_on_every_backend(tmp_path):
+    # the cross-architecture pair (SA-UNet + U-Net) of benchmarks/fold_pair_ensembles.py: one folder,
+    # members of different networks, loaded like one model by every predictor
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "fold_pair_ensembles", Path(__file__).resolve().parents[1] / "benchmarks" / "fold_pair_ensembles.py")
+    pairs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pairs)
+    sa = _single_run(tmp_path / "sa" / "fold_0", "sa_unet", tmp_path, seed=1)
+    un = _single_run(tmp_path / "un" / "fold_0", "unet", tmp_path, seed=2)
+    pair = pairs.build_pair(sa, un, tmp_path / "pair" / "fold_0")
+    assert RunConfig.load(pair / "config.json").members == ["a", "b"]
+    image = np.random.default_rng(3).random((37, 45)).astype(np.float32)
+    alone = [Predictor.from_run(run, device="cpu").predict(image) for run in (sa, un)]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two different functions, so the mean is a real test
+    for loader in (lambda p: Predictor.from_run(p, device="cpu"), OnnxPredictor.from_run):
+        ensemble = loader(pair)
+        assert isinstance(ensemble, EnsemblePredictor) and len(ensemble.members) == 2
+        np.testing.assert_allclose(ensemble.predict(image), 0.5 * (alone[0] + alone[1]), atol=2e-4)
+    # members that hold out different images cannot be scored together
+    other = _single_run(tmp_path / "un" / "fold_1", "unet", tmp_path, seed=2)
+    config = RunConfig.load(other / "config.json")
+    config.val_stems = ["001"]
+    (other / "config.json").write_text(json.dumps(config.to_dict()))
+    with pytest.raises(ConfigError, match="hold out different images"):
+        pairs.build_pair(sa, other, tmp_path / "pair" / "fold_1")
