@@ -14,8 +14,8 @@ SHIPPED_CARD = {
     "name": "sa_unet_usgra",
     "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
     "validation": "these weights saw every image; their recipe (`--recipe nerveseg`) was cross-validated on "
-                  "held-out folds of a 5-fold split by image: nerve Dice 0.644 ± 0.238 on folds 0-3, "
-                  "2.4% complete misses (docs/MODEL_CARD.md; the package's model_card.json has the latest figures)",
+                  "all five held-out folds of a 5-fold split by image (204 images): nerve Dice 0.643 ± 0.240, "
+                  "2.0% complete misses (docs/MODEL_CARD.md; the package's model_card.json has the latest figures)",
     "limits": "not trained on the median nerve at the wrist or forearm, other machines, children or pathology; "
               "check every outline",
     "use": "Not a medical device. Research and decision support only.",
