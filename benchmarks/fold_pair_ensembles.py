@@ -5,8 +5,8 @@
 
 RUN_A and RUN_B hold ``fold_k/`` runs trained on the same splits (``--folds 5 --fold k``, same
 seed); a fold counts once its ``eval/metrics.json`` exists (``accuracy_study.sh`` writes it after
-training). For each such fold, ``OUT/fold_k`` becomes an ensemble folder (copies of both members,
-the ensemble loader refuses links) and is scored with ``--subset unseen``: exactly fold k's held-out
+training). For each such fold, ``OUT/fold_k`` becomes an ensemble folder (``nerveseg ensemble``: copies of
+both members) and is scored with ``--subset unseen``: exactly fold k's held-out
 images. Then, pooled over the folds: nerve Dice of A alone, B alone and the pair, with paired
 two-sided Wilcoxon tests on per-image Dice (scipy), printed and written to ``OUT/summary.json``.
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -30,7 +29,7 @@ from nerveseg.config import RunConfig
 from nerveseg.errors import ConfigError
 from nerveseg.evaluation.evaluate import evaluate_run
 from nerveseg.io_utils import atomic_write_json
-from nerveseg.training.trainer import ensemble_config
+from nerveseg.training.trainer import assemble_ensemble
 
 
 def load(path: Path) -> dict[str, dict]:
@@ -44,16 +43,12 @@ def finished_folds(run: Path) -> dict[int, Path]:
 
 
 def build_pair(a: Path, b: Path, out: Path) -> Path:
-    """OUT with members ``a/`` and ``b/`` (config + weights copied) and the ensemble config.json."""
+    """OUT: the ensemble of fold runs ``a`` and ``b`` (members ``a/`` and ``b/``), if not built yet."""
     configs = [RunConfig.load(a / "config.json"), RunConfig.load(b / "config.json")]
     if sorted(configs[0].val_stems) != sorted(configs[1].val_stems):
         raise ConfigError(f"{a} and {b} hold out different images; train both with the same --folds, --fold and --seed")
-    out.mkdir(parents=True, exist_ok=True)
-    for name, src in (("a", a), ("b", b)):
-        (out / name).mkdir(exist_ok=True)
-        for file in ("config.json", "model.safetensors"):
-            shutil.copyfile(src / file, out / name / file)
-    atomic_write_json(out / "config.json", ensemble_config(configs, ["a", "b"]).to_dict())
+    if not (out / "config.json").exists():
+        assemble_ensemble([a, b], out, ["a", "b"])
     return out
 
 

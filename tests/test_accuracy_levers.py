@@ -426,9 +426,39 @@ def _single_run(path, arch, data, seed):
     return path
 
 
-def test_mixed_architecture_ensemble_averages_its_members_on_every_backend(tmp_path):
-    # the cross-architecture pair (SA-UNet + U-Net) of benchmarks/fold_pair_ensembles.py: one folder,
-    # members of different networks, loaded like one model by every predictor
+def test_mixed_architecture_ensemble_averages_its_members_on_every_backend(tmp_path, capsys):
+    # `nerveseg ensemble`: SA-UNet + U-Net runs as one folder, loaded like one model by every predictor
+    sa = _single_run(tmp_path / "sa" / "fold_0", "sa_unet", tmp_path, seed=1)
+    un = _single_run(tmp_path / "un" / "fold_0", "unet", tmp_path, seed=2)
+    assert main(["ensemble", str(sa), str(un), "--names", "sa_unet,unet", "--out", str(tmp_path / "pair")]) == 0
+    pair = tmp_path / "pair"
+    assert RunConfig.load(pair / "config.json").members == ["sa_unet", "unet"]
+    assert sorted(p.name for p in pair.iterdir()) == ["config.json", "sa_unet", "unet"]  # no temporary left
+    image = np.random.default_rng(3).random((37, 45)).astype(np.float32)
+    alone = [Predictor.from_run(run, device="cpu").predict(image) for run in (sa, un)]
+    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two different functions, so the mean is a real test
+    for loader in (lambda p: Predictor.from_run(p, device="cpu"), OnnxPredictor.from_run, load_predictor):
+        ensemble = loader(pair)
+        assert isinstance(ensemble, EnsemblePredictor) and len(ensemble.members) == 2
+        np.testing.assert_allclose(ensemble.predict(image), 0.5 * (alone[0] + alone[1]), atol=2e-4)
+    capsys.readouterr()
+    # what cannot be averaged, or would be lost, is refused before anything is written
+    small = _single_run(tmp_path / "small", "unet", tmp_path, seed=3)
+    config = RunConfig.load(small / "config.json")
+    config.preprocess.size = 48
+    (small / "config.json").write_text(json.dumps(config.to_dict()))
+    for argv, message in [([str(sa), str(small)], "input size 48 vs 32"),
+                          ([str(sa), str(un)], "must be distinct"),          # both folders are called fold_0
+                          ([str(sa)], "at least two runs"),
+                          ([str(sa), str(pair)], "is itself an ensemble"),
+                          ([str(sa), str(tmp_path / "nowhere")], "is not a trained run")]:
+        assert main(["ensemble", *argv, "--out", str(tmp_path / "bad")]) == 2
+        assert message in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    assert main(["ensemble", str(sa), str(un), "--names", "a,b", "--out", str(pair)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_fold_pair_ensembles_refuses_folds_of_different_splits(tmp_path):
     import importlib.util
     from pathlib import Path
 
@@ -437,20 +467,10 @@ def test_mixed_architecture_ensemble_averages_its_members_on_every_backend(tmp_p
     pairs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pairs)
     sa = _single_run(tmp_path / "sa" / "fold_0", "sa_unet", tmp_path, seed=1)
-    un = _single_run(tmp_path / "un" / "fold_0", "unet", tmp_path, seed=2)
-    pair = pairs.build_pair(sa, un, tmp_path / "pair" / "fold_0")
-    assert RunConfig.load(pair / "config.json").members == ["a", "b"]
-    image = np.random.default_rng(3).random((37, 45)).astype(np.float32)
-    alone = [Predictor.from_run(run, device="cpu").predict(image) for run in (sa, un)]
-    assert np.abs(alone[0] - alone[1]).max() > 1e-3  # two different functions, so the mean is a real test
-    for loader in (lambda p: Predictor.from_run(p, device="cpu"), OnnxPredictor.from_run):
-        ensemble = loader(pair)
-        assert isinstance(ensemble, EnsemblePredictor) and len(ensemble.members) == 2
-        np.testing.assert_allclose(ensemble.predict(image), 0.5 * (alone[0] + alone[1]), atol=2e-4)
-    # members that hold out different images cannot be scored together
-    other = _single_run(tmp_path / "un" / "fold_1", "unet", tmp_path, seed=2)
+    other = _single_run(tmp_path / "un" / "fold_0", "unet", tmp_path, seed=2)
     config = RunConfig.load(other / "config.json")
     config.val_stems = ["001"]
     (other / "config.json").write_text(json.dumps(config.to_dict()))
     with pytest.raises(ConfigError, match="hold out different images"):
-        pairs.build_pair(sa, other, tmp_path / "pair" / "fold_1")
+        pairs.build_pair(sa, other, tmp_path / "pair")
+    assert not (tmp_path / "pair").exists()

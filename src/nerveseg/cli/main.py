@@ -135,6 +135,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from ..training.trainer import assemble_ensemble
+
+    names = [n.strip() for n in args.names.split(",")] if args.names else None
+    out = assemble_ensemble(args.runs, args.out, names)
+    print(f"wrote the ensemble {out} of {len(args.runs)} runs (use it as --model {out})")
+    return 0
+
+
 def cmd_recipes(args: argparse.Namespace) -> int:
     from ..training.recipes import describe, list_recipes
 
@@ -412,6 +421,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("ensemble", help="combine trained runs (e.g. SA-UNet + U-Net) into one ensemble folder")
+    p.add_argument("runs", nargs="+", help="run folders; same input size and classes, any architectures")
+    p.add_argument("--out", required=True, help="ensemble folder to create (members are copied into it)")
+    p.add_argument("--names", default=None, help="comma-separated member folder names (default: the runs' names)")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset at original resolution")
     p.add_argument("--model", default=None, help="run folder written by `nerveseg train`")

@@ -389,6 +389,59 @@ def ensemble_config(fold_configs: list[RunConfig], members: list[str]) -> RunCon
     return config
 
 
+def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> Path:
+    """Make ``out_dir`` an ensemble folder of trained runs: a copy of each (config.json, weights and
+    any exported model.onnx) as a member sub-folder, and a config.json naming them. Every predictor
+    and command then loads ``out_dir`` like one model, averaging the members' probabilities.
+
+    Members may be different architectures (SA-UNet + U-Net) but must share the network input size
+    and the classes, which the average needs. Copies, not links: the folder is shipped or moved whole,
+    and the loader refuses links. Written in a temporary folder and renamed into place, so a failed
+    or interrupted call leaves nothing half-made."""
+    import shutil
+    import tempfile
+
+    runs = [Path(r) for r in runs]
+    out = Path(out_dir)
+    if len(runs) < 2:
+        raise ConfigError("an ensemble needs at least two runs")
+    names = list(names) if names else [r.name for r in runs]
+    if len(names) != len(runs):
+        raise ConfigError(f"{len(names)} member names for {len(runs)} runs")
+    if len(set(names)) != len(names) or any(not n or "/" in n or "\\" in n or n.startswith(".") for n in names):
+        raise ConfigError(f"member names {names} must be distinct plain folder names; pass --names")
+    if out.exists():
+        raise ConfigError(f"{out} already exists; choose another --out")
+    configs = []
+    for run in runs:
+        config = RunConfig.load(run / "config.json") if (run / "config.json").is_file() else None
+        if config is not None and config.members:
+            raise ConfigError(f"{run} is itself an ensemble; list its member runs instead")
+        if config is None or not (run / "model.safetensors").is_file():
+            raise ConfigError(f"{run} is not a trained run (it needs config.json and model.safetensors)")
+        configs.append(config)
+    first = configs[0]
+    for run, config in zip(runs[1:], configs[1:]):
+        if config.preprocess.size != first.preprocess.size or config.data.class_names != first.data.class_names:
+            raise ConfigError(f"{run} differs from {runs[0]}: input size {config.preprocess.size} vs "
+                              f"{first.preprocess.size}, classes {list(config.data.class_names)} vs "
+                              f"{list(first.data.class_names)}; members must share both")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for run, name in zip(runs, names):
+            (tmp / name).mkdir()
+            for file in ("config.json", "model.safetensors", "model.onnx"):
+                if (run / file).is_file():
+                    shutil.copyfile(run / file, tmp / name / file)
+        atomic_write_json(tmp / "config.json", ensemble_config(configs, names).to_dict())
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def train_all_folds(config: RunConfig, out_dir: str | Path, resume: bool = False, progress: bool = True, log=None,
                     cache_dir: str | Path | None = None) -> list[TrainResult]:
     """Cross-validation that ships: train fold k of ``config.data.folds`` into ``OUT/fold_k`` for
