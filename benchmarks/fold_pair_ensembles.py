@@ -8,7 +8,8 @@ seed); a fold counts once its ``eval/metrics.json`` exists (``accuracy_study.sh`
 training). For each such fold, ``OUT/fold_k`` becomes an ensemble folder (``nerveseg ensemble``: copies of
 both members) and is scored with ``--subset unseen``: exactly fold k's held-out
 images. Then, pooled over the folds: nerve Dice of A alone, B alone and the pair, with paired
-two-sided Wilcoxon tests on per-image Dice (scipy), printed and written to ``OUT/summary.json``.
+two-sided Wilcoxon tests on per-image Dice (scipy), printed and written to ``OUT/summary.json``
+and, as docs/benchmarks.md's table, ``OUT/table.md``.
 
 Why: an ensemble of two architectures is cross-validated honestly only this way; averaging the
 five fold models of one recipe cannot be scored on images one of them trained on.
@@ -71,6 +72,25 @@ def paired(x: dict[str, dict], y: dict[str, dict], stems: list[str]) -> dict:
     return {"median_difference": float(np.median(a - b)), "mean_difference": float((a - b).mean()), "p": p}
 
 
+def markdown(summary: dict, labels: dict[str, str]) -> str:
+    """docs/benchmarks.md's table: nerve Dice (mean ± SD) and complete misses per held-out fold and pooled."""
+    def cell(d: dict, bold: str = "") -> str:
+        return f"{bold}{d['dice_mean']:.3f} ± {d['dice_sd']:.3f}{bold} | {bold}{d['zero_overlap']}/{d['n']}{bold}"
+
+    lines = [f"| held-out fold | n | {labels['a']}: Dice | misses | {labels['b']}: Dice | misses | {labels['pair']}: Dice | misses |",
+             "| --- | ---: | --- | ---: | --- | ---: | --- | ---: |"]
+    for k, fold in summary["per_fold"].items():
+        lines.append(f"| {k} | {fold['a']['n']} | {cell(fold['a'])} | {cell(fold['b'])} | {cell(fold['pair'])} |")
+    pooled = summary["pooled"]
+    lines.append(f"| **pooled** | {pooled['a']['n']} | {cell(pooled['a'], '**')} | {cell(pooled['b'], '**')} | {cell(pooled['pair'], '**')} |")
+    lines.append("")
+    for key, (x, y) in {"b_vs_a": ("b", "a"), "pair_vs_a": ("pair", "a"), "pair_vs_b": ("pair", "b")}.items():
+        t = summary[key]
+        lines.append(f"- {labels[x]} minus {labels[y]}, paired per image: mean {t['mean_difference']:+.3f}, "
+                     f"median {t['median_difference']:+.3f}, Wilcoxon p = {t['p']:.2g} (n = {pooled['a']['n']})")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_a", type=Path)
@@ -104,6 +124,7 @@ def main() -> None:
                "b_vs_a": paired(rows["b"], rows["a"], stems)}
     atomic_write_json(args.out / "summary.json", summary)
     labels = {"a": args.run_a.name, "b": args.run_b.name, "pair": "pair ensemble"}
+    (args.out / "table.md").write_text(markdown(summary, labels))
     print(f"folds {', '.join(map(str, folds))} pooled, n = {len(stems)}")
     for name, d in summary["pooled"].items():
         print(f"  {labels[name]:>28}: Dice {d['dice_mean']:.3f} ± {d['dice_sd']:.3f} (median {d['dice_median']:.3f}), "
