@@ -7,6 +7,7 @@
 #   bash benchmarks/accuracy_study.sh fair256 [DATA] [OUT]  U-Net under that same recipe, 5 folds, and each
 #                                                           fold's SA-UNet + U-Net pair as a 2-member ensemble
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
+#   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
 set -euo pipefail
 PHASE=${1:?phase: screen, final or curve}
@@ -126,6 +127,24 @@ curve)
              curve_scratch_n20 curve_finetune_n20 curve_scratch_n50 curve_finetune_n50; do
     [ -f "$OUT/$run/eval/metrics.json" ] || nerveseg evaluate --model "$OUT/$run" --data "$V/eval" --subset all \
       --no-overlays --quiet --backend torch --out "$OUT/$run/eval"
+  done
+  ;;
+curve2)
+  # the curve's second arms (after `curve`): from scratch with 4x the steps (1200: about the pretrained
+  # model's own 1260), since 300 steps from scratch predicted nothing, and fine-tuning at a 4x lower
+  # rate (5e-5), since 2e-4 forgot more than 5-20 images taught
+  V="$OUT/curve_views"
+  [ -d "$V/eval" ] || { echo "run the curve phase first" >&2; exit 2; }
+  for n in 5 10 20 50; do
+    steps_per_epoch=$(( (n + 3) / 4 ))
+    train curve_scratch1200_n$n --recipe nerveseg_128_vessels --data "$V/n$n" --val-fraction 0 \
+      --epochs $(( (1200 + steps_per_epoch - 1) / steps_per_epoch ))
+    train curve_finetune_lr5e-5_n$n --recipe nerveseg_128_vessels --data "$V/n$n" --val-fraction 0 \
+      --epochs $(( (300 + steps_per_epoch - 1) / steps_per_epoch )) --init-from "$OUT/curve_pretrain" --lr 5e-5
+    for run in curve_scratch1200_n$n curve_finetune_lr5e-5_n$n; do
+      [ -f "$OUT/$run/eval/metrics.json" ] || nerveseg evaluate --model "$OUT/$run" --data "$V/eval" --subset all \
+        --no-overlays --quiet --backend torch --out "$OUT/$run/eval"
+    done
   done
   ;;
 *)

@@ -128,21 +128,46 @@ def saunet_vs_unet(root: Path) -> None:
     print(f"\nSA-UNet minus U-Net, paired per image: median {w['median_difference']:+.4f}, p = {w['p_value']:.3g}, n = {w['n']}")
 
 
+CURVE_ARMS = (  # (run prefix, column title); the second of each kind is the `curve2` phase
+    ("curve_scratch", "from scratch, 300 steps"),
+    ("curve_scratch1200", "from scratch, 1200 steps"),
+    ("curve_finetune", "fine-tuned, lr 2e-4, 300 steps"),
+    ("curve_finetune_lr5e-5", "fine-tuned, lr 5e-5, 300 steps"),
+)
+
+
 def learning_curve(root: Path) -> None:
-    print("\n| training images | from scratch: Dice | zero-overlap | fine-tuned from the folds-3-4 model: Dice | zero-overlap | p |")
-    print("| ---: | --- | ---: | --- | ---: | ---: |")
+    def rows_of(prefix: str, size: int):
+        path = root / f"{prefix}_n{size}" / "eval" / "per_image.csv"
+        return per_image(path) if path.is_file() else None
+
+    arms = [(prefix, title) for prefix, title in CURVE_ARMS if rows_of(prefix, 5) is not None]
+    print("\n| training images | " + " | ".join(f"{title}: Dice | misses" for _, title in arms) + " |")
+    print("| ---: |" + " --- | ---: |" * len(arms))
     pre = root / "curve_pretrain" / "eval" / "per_image.csv"
     if pre.is_file():
         mean, sd, median, zero, n = summary(per_image(pre))
-        print(f"| 0 (pretrained model alone) | -- | -- | {mean:.3f} ± {sd:.3f} | {zero}/{n} | -- |")
+        cells = [f"{mean:.3f} ± {sd:.3f} | {zero}/{n}" if "fine" in prefix else "-- | --" for prefix, _ in arms]
+        print("| 0 (the folds-3-4 model alone) | " + " | ".join(cells) + " |")
+    tests = []
     for size in (5, 10, 20, 50):
-        a, b = root / f"curve_scratch_n{size}" / "eval" / "per_image.csv", root / f"curve_finetune_n{size}" / "eval" / "per_image.csv"
-        if not (a.is_file() and b.is_file()):
-            continue
-        ra, rb = per_image(a), per_image(b)
-        sa, sb = summary(ra), summary(rb)
-        w = paired_wilcoxon(tagged(rb, "ft") + tagged(ra, "scratch"), "ft", "scratch")
-        print(f"| {size} | {sa[0]:.3f} ± {sa[1]:.3f} | {sa[3]}/{sa[4]} | {sb[0]:.3f} ± {sb[1]:.3f} | {sb[3]}/{sb[4]} | {w['p_value']:.3g} |")
+        cells, by_arm = [], {}
+        for prefix, _ in arms:
+            rows = rows_of(prefix, size)
+            by_arm[prefix] = rows
+            if rows is None:
+                cells.append("-- | --")
+                continue
+            mean, sd, median, zero, n = summary(rows)
+            cells.append(f"{mean:.3f} ± {sd:.3f} | {zero}/{n}")
+        print(f"| {size} | " + " | ".join(cells) + " |")
+        scratch = [p for p, _ in arms if "scratch" in p and by_arm.get(p)]
+        for ft in [p for p, _ in arms if "finetune" in p and by_arm.get(p)]:
+            if scratch:  # each fine-tuning arm against the best-trained scratch arm
+                w = paired_wilcoxon(tagged(by_arm[ft], "ft") + tagged(by_arm[scratch[-1]], "scratch"), "ft", "scratch")
+                tests.append(f"- N = {size}: {ft} minus {scratch[-1]}: median {w['median_difference']:+.3f}, p = {w['p_value']:.3g}")
+    print()
+    print("\n".join(tests))
 
 
 if __name__ == "__main__":
