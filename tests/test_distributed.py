@@ -89,6 +89,38 @@ def single_run(dataset, tmp_path_factory) -> Path:
     return out
 
 
+def _kill_process_tree(pid: int) -> None:
+    """SIGKILL a torchrun and every process under it, as a lost node would. killpg is not enough:
+    the elastic agent starts each worker in a session of its own, so its workers would run on."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += children.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.time() + 30
+    for p in tree[1:]:  # the workers, reparented once torchrun dies: wait until they are gone
+        while time.time() < deadline:
+            try:
+                state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except (OSError, IndexError):
+                break
+            if state in ("Z", "X"):
+                break
+            time.sleep(0.05)
+
+
 def _ddp(data, out, epochs, *extra, nproc=2):
     return _run(_train_args(data, out, epochs, *extra), nproc=nproc)
 
@@ -115,25 +147,30 @@ def test_torchrun_writes_one_set_of_outputs_and_matches_one_process_with_sync_bn
 
 def test_torchrun_killed_mid_run_resumes_under_torchrun(dataset, tmp_path):
     out = tmp_path / "killed"
-    proc = _torchrun(_train_args(dataset, out, 6))
+    epochs = 10
+    proc = _torchrun(_train_args(dataset, out, epochs))
     history = out / "history.csv"
     deadline = time.time() + 180
-    while time.time() < deadline:  # wait for the first checkpointed epoch, then kill the whole group
-        if history.exists() and len(history.read_text().strip().splitlines()) >= 2:
+    # wait for two epochs in the history (so epoch 1's training state, written after its history row,
+    # is on disk), then kill torchrun and its workers
+    while time.time() < deadline:
+        if history.exists() and len(history.read_text().strip().splitlines()) >= 3:
             break
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+        time.sleep(0.01)
+    _kill_process_tree(proc.pid)
     proc.wait()
     with history.open() as f:
         done = len(list(csv.DictReader(f)))
-    assert 1 <= done < 6
-    log = _run(_train_args(dataset, out, 6, "--resume"))
-    assert "resuming" in log and log.count("trained ") == 1
+    assert 2 <= done < epochs
+    log = _run(_train_args(dataset, out, epochs, "--resume"))
+    # from the last saved state: after the last history row, or one before it if the kill fell between the two writes
+    assert f"resuming {out} at epoch {done + 1}/{epochs}" in log or f"resuming {out} at epoch {done}/{epochs}" in log, log
+    assert log.count("trained ") == 1
     with history.open() as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3, 4, 5, 6]
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == list(range(1, epochs + 1))
     # the resumed run is the uninterrupted one: same batches (per-epoch generators), same state
     straight = tmp_path / "straight"
-    _ddp(dataset, straight, 6)
+    _ddp(dataset, straight, epochs)
     assert _max_weight_difference(out, straight) < SYNC_TOLERANCE
     assert not list(out.glob(".*tmp*"))
 

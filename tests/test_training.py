@@ -147,6 +147,16 @@ def test_resume_continues_exactly_where_it_stopped(tmp_path):
     assert not set(saved["train_stems"]) & set(saved["val_stems"])
 
 
+def test_resume_after_a_kill_before_the_first_state_redoes_its_history_rows(tmp_path, ellipse_dataset):
+    # killed after epoch 1's history row but before its training state: the resumed run starts over,
+    # and the history holds each epoch once (the stale row is dropped, not kept beside the new one)
+    train(_config(ellipse_dataset, epochs=1), tmp_path / "run", progress=False)
+    (tmp_path / "run" / "last.safetensors").unlink()
+    train(_config(ellipse_dataset, epochs=2), tmp_path / "run", resume=True, progress=False)
+    with open(tmp_path / "run" / "history.csv", newline="") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
+
+
 def test_resume_needs_a_run(tmp_path, ellipse_dataset):
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_config(ellipse_dataset, 1), tmp_path / "none", resume=True, progress=False)

@@ -278,8 +278,10 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     if resume and last_path.exists():
         state = load_training_state(unwrap(model), optimizer, last_path)
         start_epoch, best_dice, best_epoch = state["epoch"] + 1, state["best_val_dice"], state["best_epoch"]
-        history = history[:start_epoch]
         log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs} (best val Dice {best_dice:.4f})")
+    # rows past the saved state are redone: a kill between the history write and the state write, or
+    # before the first state, leaves one
+    history = history[:start_epoch]
 
     loader = sampler = None
     if not in_memory:
