@@ -560,19 +560,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    code, clean = 1, False
     try:
-        return args.func(args)
+        code = args.func(args)
+        clean = True
+        return code
     except NerveSegError as exc:
         print(f"nerveseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        code = 2
+        return code
     except KeyboardInterrupt:
         print(f"nerveseg {args.command}: interrupted; finished files are kept (train: --resume continues)", file=sys.stderr)
-        return 130
+        code = 130
+        return code
     finally:
         if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
             from ..training.distributed import shutdown_distributed
 
-            shutdown_distributed()
+            if shutdown_distributed(synchronise=clean):
+                # A torchrun worker whose work is done and written: end it here. Letting the
+                # interpreter finalise with gloo's threads alive aborts it now and then (SIGABRT,
+                # "terminate called without an active exception"), which fails a finished run.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
 
 
 if __name__ == "__main__":

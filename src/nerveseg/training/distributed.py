@@ -99,9 +99,16 @@ def init_distributed(device: torch.device) -> DistributedContext:
     return DistributedContext(rank=rank, world_size=dist.get_world_size(), local_rank=local_rank)
 
 
-def shutdown_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def shutdown_distributed(synchronise: bool = False) -> bool:
+    """Destroy the process group; True when there was one. With ``synchronise`` (a command that
+    finished on every rank) the ranks first meet at a barrier, so none tears its connections down
+    while another is still using them; a failed rank skips it, as the others may never arrive."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if synchronise:
+        dist.barrier()
+    dist.destroy_process_group()
+    return True
 
 
 def rank_device(device: torch.device, ctx: DistributedContext) -> torch.device:
