@@ -560,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code, clean = 1, False
+    code, clean = None, False  # code stays None while an unexpected exception propagates
     try:
         code = args.func(args)
         clean = True
@@ -577,10 +577,11 @@ def main(argv: list[str] | None = None) -> int:
         if "torch.distributed" in sys.modules:  # leave a torchrun process group cleanly
             from ..training.distributed import shutdown_distributed
 
-            if shutdown_distributed(synchronise=clean):
-                # A torchrun worker whose work is done and written: end it here. Letting the
-                # interpreter finalise with gloo's threads alive aborts it now and then (SIGABRT,
-                # "terminate called without an active exception"), which fails a finished run.
+            if shutdown_distributed(synchronise=clean) and code is not None:
+                # A torchrun worker whose command has ended: exit here. Letting the interpreter
+                # finalise with gloo's threads alive aborts it now and then (SIGABRT, "terminate
+                # called without an active exception"), which fails a finished run. Not while an
+                # unexpected exception propagates: its traceback must still print.
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
