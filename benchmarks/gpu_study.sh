@@ -12,7 +12,12 @@
 # .git/info/exclude ignores and carry it, e.g.
 #   here:  mkdir -p .data && cp -r ../shared/data/usgra-seg .data/   (31 MB; .data/ in .git/info/exclude)
 #   there: PYTHONPATH=src NERVESEG="python3 -m nerveseg" bash benchmarks/gpu_study.sh .data/usgra-seg $OUT/study
-# Env: ARMS (names below, comma-separated; default all), FOLDS="0 1 2 3 4", WORKERS=15,
+# Capacity: in issue 3's GPU call, eager SA-UNet took 9.2 s per 256-px epoch under 15-way sharing
+# (launch-bound), so 7 minutes hold about 15 x 45 = 680 fold-epochs: the default arms (e120, s384 and
+# the baseline, 1,500 fold-epochs at 256-px cost) need COMPILE=reduce-overhead (CUDA graphs; not yet
+# measured on a GPU) or a second call, which resumes. ARMS picks fewer.
+# Env: ARMS (names below, comma-separated; default e120,s384,nerveseg), FOLDS="0 1 2 3 4", WORKERS=15,
+# COMPILE (a torch.compile mode for training, e.g. reduce-overhead),
 # TIME_LIMIT=420 s for training (what has finished by then is scored), EPOCH_SCALE=1 (e.g. 0.02 for a
 # CPU dry run of the script itself), SIZE_OVERRIDE (likewise), NERVESEG=nerveseg.
 set -uo pipefail
@@ -36,7 +41,7 @@ declare -A ARM=(
   [s384_e120]="--size 384 --epochs 120"
   [unet]="--arch unet"
 )
-ORDER=(s384_e120 e120 long_aug s384 unet nerveseg)  # slowest first, so the queue ends evenly
+ORDER=(e120 s384 nerveseg)  # slowest first, so the queue ends evenly
 if [ -n "${ARMS:-}" ]; then IFS=, read -r -a ORDER <<< "$ARMS"; fi
 for arm in "${ORDER[@]}"; do [ -n "${ARM[$arm]+set}" ] || { echo "unknown arm $arm" >&2; exit 2; }; done
 
@@ -61,7 +66,8 @@ train_job() {  # arm fold
   [ -f "$dir/config.json" ] && resume=(--resume)
   # the time limit is on the training process itself, so none outlives the call's training phase
   timeout "$left" $NERVESEG train --data "$DATA" --recipe nerveseg --seed 0 --folds 5 --fold "$fold" --quiet --threads 1 \
-    "${flags[@]}" --epochs "$epochs" ${SIZE_OVERRIDE:+--size $SIZE_OVERRIDE} --out "$dir" "${resume[@]}" \
+    "${flags[@]}" --epochs "$epochs" ${SIZE_OVERRIDE:+--size $SIZE_OVERRIDE} ${COMPILE:+--compile $COMPILE} \
+    --out "$dir" "${resume[@]}" \
     >> "$OUT/$arm.fold_$fold.log" 2>&1 && touch "$dir/.trained"
 }
 
@@ -81,7 +87,7 @@ DEADLINE=$((start + TIME_LIMIT))
 pids=()
 for ((w = 0; w < WORKERS; w++)); do
   OMP_NUM_THREADS=1 bash -c "$(declare -p ARM OUT DATA EPOCH_SCALE NERVESEG DEADLINE jobs_file 2>/dev/null;
-    declare -p SIZE_OVERRIDE 2>/dev/null; declare -f train_job worker); worker" &
+    declare -p SIZE_OVERRIDE COMPILE 2>/dev/null; declare -f train_job worker); worker" &
   pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid"; done

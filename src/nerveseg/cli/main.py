@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto: onnxruntime when installed (fastest on CPU), else torch")
     p.add_argument("--out", required=True)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the metric summary still prints)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("segment", help="segment images, DICOM or cine loops; write masks, overlays, measurements.csv",
