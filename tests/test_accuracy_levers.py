@@ -39,7 +39,7 @@ PAPER_CONFIG_BEFORE = {
 }
 NEW_FIELDS_OFF = {
     "data": {"labels": None, "label_names": None},
-    "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None,
+    "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None, "seed": None,
               "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False,  # issue 13
               "compile": None},
 }
@@ -78,6 +78,9 @@ def test_recipes_are_listed_in_full_and_flags_win(capsys):
     config = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O", "--epochs", "7", "--arch", "unet", "--labels", "1"])
     assert config.train.epochs == 7 and config.model.arch == "unet" and config.data.labels == (1,)
     assert config.train.loss == "dice_ce" and config.recipe == "nerveseg"
+    assert config.train.seed is None and config.data.seed == 0
+    config = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O", "--seed", "2", "--train-seed", "3"])
+    assert (config.data.seed, config.train.seed) == (2, 3)
     with pytest.raises(ConfigError, match="unknown recipe"):
         build_run_config("fast")
 

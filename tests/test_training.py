@@ -157,6 +157,23 @@ def test_resume_after_a_kill_before_the_first_state_redoes_its_history_rows(tmp_
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]
 
 
+def test_train_seed_changes_the_training_not_the_split(tmp_path, ellipse_dataset):
+    # a second model of the same fold (a seed ensemble's member): same images, other weights
+    runs = {}
+    for name, seed in (("default", None), ("same", 0), ("other", 1)):
+        config = _config(ellipse_dataset, epochs=1)
+        config.train.seed = seed
+        train(config, tmp_path / name, progress=False)
+        saved = json.loads((tmp_path / name / "config.json").read_text())
+        assert saved["train"]["seed"] == seed
+        runs[name] = (saved["train_stems"], saved["val_stems"], load_file(str(tmp_path / name / "model.safetensors")))
+    assert runs["other"][:2] == runs["default"][:2]  # the split follows data.seed alone
+    for key, value in runs["default"][2].items():
+        torch.testing.assert_close(runs["same"][2][key], value, rtol=0, atol=0, msg=key)  # None means data.seed
+    assert any(not torch.equal(runs["other"][2][key], value) for key, value in runs["default"][2].items()
+               if value.is_floating_point())
+
+
 def test_resume_needs_a_run(tmp_path, ellipse_dataset):
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_config(ellipse_dataset, 1), tmp_path / "none", resume=True, progress=False)

@@ -142,6 +142,9 @@ class TrainConfig:
     deep_supervision: bool = False  # auxiliary heads on the decoder levels, training only
     checkpoint: str = "best"  # "last": keep the final epoch (no selection on the validation fold)
     init_from: str | None = None  # weights to start from: a run folder (recorded as given)
+    # the training's randomness (initial weights, batch order, augmentation draws); None = data.seed.
+    # Another value on the same data.seed trains a second model on the same split (a seed ensemble)
+    seed: int | None = None
     # scale (issue 13): how the data is held and how several processes share BatchNorm statistics
     data_cache: str = "memory"  # "disk": decode once into memory-mapped files, read by DataLoader workers
     loader_workers: int = 2  # DataLoader worker processes for data_cache = "disk"

@@ -97,7 +97,7 @@ def _train_config(args: argparse.Namespace):
                    warmup_epochs=args.warmup_epochs, augment=augment, amp=False if args.no_amp else None,
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
                    device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
-                   checkpoint=args.checkpoint, init_from=args.init_from, data_cache=args.data_cache,
+                   checkpoint=args.checkpoint, init_from=args.init_from, seed=args.train_seed, data_cache=args.data_cache,
                    loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn, compile=args.compile),
         inference=dict(tta=args.tta),
     )
@@ -383,7 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help='architecture options as JSON, e.g. \'{"features": [16, 32, 64, 128, 256]}\'')
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--size", type=int, default=None, help="network input side; images are letterboxed to it")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the split's seed, and the training's unless --train-seed")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="the training's own seed (weights, batches, augmentation) on the --seed split: "
+                        "another model of the same fold, e.g. for a seed ensemble")
     p.add_argument("--val-fraction", type=float, default=0.2, help="0: no validation, train on all and keep the last epoch")
     p.add_argument("--folds", type=int, default=None, help="K for K-fold cross-validation")
     p.add_argument("--fold", type=int, default=None, help="0-based validation fold")

@@ -257,7 +257,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(config_path, config.to_dict())
-    torch.manual_seed(config.data.seed)  # the same seed gives the same initial weights
+    train_seed = cfg.seed if cfg.seed is not None else config.data.seed
+    torch.manual_seed(train_seed)  # the same seed gives the same initial weights
     model = create(config.model.arch, **config.model.kwargs)
     if cfg.init_from and not (resume and last_path.exists()):
         source = resolve_init_from(cfg.init_from, config.data.fold)
@@ -304,7 +305,7 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         epoch_start = time.perf_counter()
         # one generator per epoch seeded by (seed, epoch): a resumed run draws the same batches, and
         # so does every rank of a distributed run (each then keeps its share of each batch)
-        gen = torch.Generator().manual_seed(config.data.seed * 100_003 + epoch)
+        gen = torch.Generator().manual_seed(train_seed * 100_003 + epoch)
         order = torch.randperm(len(train_set), generator=gen)
         if in_memory:
             order = order.to(device)
