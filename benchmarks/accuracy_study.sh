@@ -10,6 +10,8 @@
 #                                                           spatial + intensity augmentation; FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh size320 [DATA] [OUT]  the shipped recipe at a 320-px input (small nerves);
 #                                                           FOLDS="1 0" screens
+#   bash benchmarks/accuracy_study.sh seeds [DATA] [OUT]    a second shipped-recipe model of each fold (--train-seed 1)
+#                                                           and the two as a seed ensemble; FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 #   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
@@ -132,6 +134,17 @@ size320)
     train sa_unet_s320/fold_$fold --recipe nerveseg --size 320 --folds 5 --fold $fold
     evaluate sa_unet_s320/fold_$fold --backend torch --no-tta --keep-largest ''
   done
+  ;;
+seeds)
+  # two SA-UNets of one fold, averaged, scored on the fold neither saw: the cheapest ensemble to ship
+  # (a second 25-min training, 2x the 19 ms latency). On fold 1 the shipped recipe + the long256 model
+  # gained +0.022 (p = 0.003), so: does a plain second seed do the same?
+  for fold in ${FOLDS:-1 0 2 3 4}; do
+    train sa_unet_e2_seed1/fold_$fold --recipe nerveseg --train-seed 1 --folds 5 --fold $fold
+    evaluate sa_unet_e2_seed1/fold_$fold --backend torch --no-tta --keep-largest ''
+  done
+  python benchmarks/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/sa_unet_e2_seed1" \
+    --data "$DATA" --out "$OUT/pair_e2_seed1"
   ;;
 curve)
   # fine-tuning learning curve: pretrained on folds 3-4, N images of folds 1-2, scored on fold 0
