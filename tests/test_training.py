@@ -174,6 +174,20 @@ def test_train_seed_changes_the_training_not_the_split(tmp_path, ellipse_dataset
                if value.is_floating_point())
 
 
+def test_resume_removes_the_temporary_files_of_a_killed_write(tmp_path, ellipse_dataset):
+    # a kill inside a checkpoint write leaves io_utils' temporary file and, inside it, the one
+    # safetensors >= 0.8 writes first (Rust tempfile: .tmp + 6 characters); files of other names stay
+    train(_config(ellipse_dataset, epochs=1), tmp_path / "run", progress=False)
+    run = tmp_path / "run"
+    orphans = [run / ".last.safetensors.k3j_x9aq.tmp.safetensors", run / ".tmpAb12Cd", run / ".history.csv.zz99yy88.tmp.csv"]
+    kept = [run / ".tmp_notes", run / "notes.tmp", run / ".tmpAb12Cd7"]
+    for path in orphans + kept:
+        path.write_bytes(b"partial")
+    train(_config(ellipse_dataset, epochs=2), run, resume=True, progress=False)
+    assert not [p for p in orphans if p.exists()]
+    assert all(p.exists() for p in kept)
+
+
 def test_resume_needs_a_run(tmp_path, ellipse_dataset):
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(_config(ellipse_dataset, 1), tmp_path / "none", resume=True, progress=False)

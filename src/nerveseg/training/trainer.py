@@ -228,10 +228,14 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     ctx.barrier()
     if resume and ctx.is_main:
-        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX);
+        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX,
+        # and inside it safetensors >= 0.8 writes its own .tmpXXXXXX, Rust tempfile's name, and renames);
         # a run folder has one writer, so on resume every such file is an orphan
-        for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv"):
-            for orphan in out.glob(f".{name}.*.tmp*"):
+        orphans = [p for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv")
+                   for p in out.glob(f".{name}.*.tmp*")]
+        orphans += [p for p in out.glob(".tmp??????") if p.name[4:].isalnum()]
+        for orphan in orphans:
+            if orphan.is_file():
                 orphan.unlink(missing_ok=True)
     cfg = config.train
     if cfg.num_threads:
