@@ -14,7 +14,7 @@
 #   there: PYTHONPATH=src NERVESEG="python3 -m nerveseg" bash benchmarks/gpu_study.sh .data/usgra-seg $OUT/study
 # Capacity: in issue 3's GPU call, eager SA-UNet took 9.2 s per 256-px epoch under 15-way sharing
 # (launch-bound), so 7 minutes hold about 15 x 45 = 680 fold-epochs: the default arms (e120, s384 and
-# the baseline, 1,500 fold-epochs at 256-px cost) need COMPILE=reduce-overhead (CUDA graphs; not yet
+# the baseline: about 1,600 fold-epochs at 256-px cost) need COMPILE=reduce-overhead (CUDA graphs; not yet
 # measured on a GPU) or a second call, which resumes. ARMS picks fewer.
 # Env: ARMS (names below, comma-separated; default e120,s384,nerveseg), FOLDS="0 1 2 3 4", WORKERS=15,
 # COMPILE (a torch.compile mode for training, e.g. reduce-overhead),
