@@ -2,6 +2,7 @@
 
 A kill -9 between the temporary file and ``os.replace`` leaves at most a hidden temporary file
 (``.NAME.XXXX.tmp.SUFFIX``) next to the old version; a full disk is an OutputError naming the file.
+``leftover_temporaries`` finds what such kills left, for a resumed job to remove.
 """
 
 from __future__ import annotations
@@ -66,6 +67,16 @@ def _disk_full_errno(exc: BaseException) -> int | None:
         if int(match.group(1)) in DISK_FULL_ERRNOS:
             return int(match.group(1))
     return None
+
+
+def leftover_temporaries(folder: str | Path, names: Iterable[str]) -> list[Path]:
+    """The temporary files that killed ``atomic_path`` writes of ``folder/NAME`` (for each of
+    ``names``) left behind. Writers that go through their own temporary file inside ours leave
+    theirs too: safetensors >= 0.8 writes ``.tmpXXXXXX`` (Rust tempfile's name) and renames it."""
+    folder = Path(folder)
+    found = [p for name in names for p in folder.glob(f".{name}.*.tmp*")]
+    found += [p for p in folder.glob(".tmp??????") if p.name[4:].isalnum()]
+    return [p for p in found if p.is_file()]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

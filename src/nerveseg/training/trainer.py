@@ -21,7 +21,7 @@ from ..data.cache import TensorSet, load_tensor_set
 from ..data.disk_cache import DiskTensorSet, GlobalBatchSampler, load_disk_tensor_set
 from ..data.samples import discover_samples, split_samples
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_write_csv, atomic_write_json
+from ..io_utils import atomic_write_csv, atomic_write_json, leftover_temporaries
 from ..models import create
 from .checkpoint import load_training_state, save_training_state, save_weights, transfer_weights
 from .distributed import DistributedContext, convert_sync_batchnorm, init_distributed, rank_device, unwrap
@@ -228,15 +228,10 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         raise ConfigError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     ctx.barrier()
     if resume and ctx.is_main:
-        # a run killed during an atomic write leaves its temporary file (io_utils: .NAME.XXXX.tmp.SUFFIX,
-        # and inside it safetensors >= 0.8 writes its own .tmpXXXXXX, Rust tempfile's name, and renames);
-        # a run folder has one writer, so on resume every such file is an orphan
-        orphans = [p for name in ("config.json", "model.safetensors", "last.safetensors", "history.csv")
-                   for p in out.glob(f".{name}.*.tmp*")]
-        orphans += [p for p in out.glob(".tmp??????") if p.name[4:].isalnum()]
-        for orphan in orphans:
-            if orphan.is_file():
-                orphan.unlink(missing_ok=True)
+        # a run killed during an atomic write leaves its temporary file; a run folder has one writer,
+        # so on resume every such file is an orphan
+        for orphan in leftover_temporaries(out, ("config.json", "model.safetensors", "last.safetensors", "history.csv")):
+            orphan.unlink(missing_ok=True)
     cfg = config.train
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
