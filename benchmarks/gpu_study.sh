@@ -108,16 +108,9 @@ base=()
 for fold in $FOLDS; do
   [ -f "$OUT/nerveseg/fold_$fold/eval/per_image.csv" ] && base+=("$OUT/nerveseg/fold_$fold/eval/per_image.csv")
 done
-for arm in "${ORDER[@]}"; do
-  evals=()
-  for fold in $FOLDS; do
-    [ -f "$OUT/$arm/fold_$fold/eval/per_image.csv" ] && evals+=("$OUT/$arm/fold_$fold/eval")
-  done
-  [ ${#evals[@]} -gt 0 ] || { echo "== $arm: no finished fold" >> "$summary"; continue; }
-  against=()
-  if [ "$arm" != nerveseg ] && [ ${#base[@]} -gt 0 ]; then
-    # one table of the baseline's held-out images, for the paired test
-    python3 - "$OUT/nerveseg_pooled.csv" "${base[@]}" <<'EOF'
+if [ ${#base[@]} -gt 0 ]; then
+  # one table of the baseline's held-out images, for every arm's paired test
+  python3 - "$OUT/nerveseg_pooled.csv" "${base[@]}" <<'EOF'
 import csv, sys
 rows = [r for path in sys.argv[2:] for r in csv.DictReader(open(path, newline=""))]
 with open(sys.argv[1], "w", newline="") as f:
@@ -125,8 +118,15 @@ with open(sys.argv[1], "w", newline="") as f:
     w.writeheader()
     w.writerows(rows)
 EOF
-    against=(--against "$OUT/nerveseg_pooled.csv")
-  fi
+fi
+for arm in "${ORDER[@]}"; do
+  evals=()
+  for fold in $FOLDS; do
+    [ -f "$OUT/$arm/fold_$fold/eval/per_image.csv" ] && evals+=("$OUT/$arm/fold_$fold/eval")
+  done
+  [ ${#evals[@]} -gt 0 ] || { echo "== $arm: no finished fold" >> "$summary"; continue; }
+  against=()
+  [ "$arm" != nerveseg ] && [ ${#base[@]} -gt 0 ] && against=(--against "$OUT/nerveseg_pooled.csv")
   { echo "== $arm (${ARM[$arm]:-the shipped recipe})"; python3 benchmarks/pool_fold_evals.py "${evals[@]}" "${against[@]}"; } \
     >> "$summary" 2>&1
 done
