@@ -46,7 +46,7 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None) -> None:
                 weights_hash=weights_sha256(dest / "model.safetensors"))
 
 
-def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None) -> dict:
+def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None, members_held_out: bool = False) -> dict:
     """The summary `nerveseg serve` shows (web/model_slot.py), from the cross-validation metrics."""
     import json
 
@@ -56,8 +56,12 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None)
         f"{name} Dice {c['dice']['mean']:.3f} ± {c['dice']['sd']:.3f}, {100 * c['zero_overlap_rate']:.1f}% complete misses"
         for name, c in classes.items()
     )
-    if config.members:  # the ensemble itself was cross-validated
+    if config.members and members_held_out:  # fold models: the ensemble itself was cross-validated
         how = f"{len(config.members)}-fold cross-validation of these members"
+    elif config.members:  # models of one recipe, each trained on every image with its own seed
+        how = (f"{len(config.members)} models of one recipe (training seeds differ), each saw every image; the recipe, "
+               f"as a {len(config.members)}-model ensemble, was cross-validated on {cv_folds or '?'} held-out fold(s) "
+               "of a 5-fold split by image")
     else:  # one model on all images: the figures are its recipe's, from fold models that never saw the image
         how = (f"these weights saw every image; their recipe was cross-validated on {cv_folds or '?'} held-out "
                "fold(s) of a 5-fold split by image")
@@ -87,8 +91,10 @@ def main() -> None:
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
     ship_run(Path(args.run), dest, args.tta, keep)
     if args.cv_metrics:
-        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), RunConfig.load(dest / "config.json"),
-                                                                args.cv_folds))
+        config = RunConfig.load(dest / "config.json")
+        # fold models (each held images out) or models trained on every image (seeds of one recipe)
+        held_out = bool(config.members) and all(RunConfig.load(dest / m / "config.json").val_stems for m in config.members)
+        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), config, args.cv_folds, held_out))
     for path in sorted(dest.rglob("*")):
         if path.is_file():
             path.chmod(0o644)

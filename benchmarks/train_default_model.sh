@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# Reproduce the SA-UNet shipped inside the package (src/nerveseg/pretrained/sa_unet_usgra):
-# all 204 usgra-seg images, nerve label 1, no validation hold-out (the last epoch is kept), with the
-# recipe chosen on cross-validation in docs/benchmarks.md ("Accuracy study": `--recipe nerveseg`).
-# Seeded and deterministic on CPU; about 26 min of epochs on 2 cores.
-# Usage: bash benchmarks/train_default_model.sh [DATA] [RUN] [CV_METRICS]
+# Reproduce the model shipped inside the package (src/nerveseg/pretrained/sa_unet_usgra): SA-UNets
+# trained with the recipe chosen on cross-validation in docs/benchmarks.md (`--recipe nerveseg`) on all
+# 204 usgra-seg images, nerve label 1, no validation hold-out (the last epoch is kept), one per
+# training seed in SEEDS (default "0 1"), averaged as one ensemble folder when there are several.
+# Seeded and deterministic on CPU; about 25 min of epochs per model on 2 cores.
+# Usage: [SEEDS="0 1"] bash benchmarks/train_default_model.sh [DATA] [RUN] [CV_METRICS]
+# CV_METRICS: the recipe's cross-validated metrics.json (for a 2-seed ensemble: the per-fold pairs of
+# `accuracy_study.sh seeds`, pooled by `pool_fold_evals.py --out`); it becomes the model card's figures.
 set -euo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 RUN=${2:-runs/default_model}
-CV=${3:-runs/study/sa_unet_e2_dice_ce_poly/cv_plain/metrics.json}
-resume=()
-[ -f "$RUN/config.json" ] && resume=(--resume)
-nerveseg train --data "$DATA" --recipe nerveseg --val-fraction 0 --seed 0 --quiet --out "$RUN" "${resume[@]}"
-# copy it into the package without machine paths, export its ONNX graph (so the default backend never
-# exports at run time) and write its model card from the cross-validated figures when they exist
+CV=${3:-runs/study/pair_e2_seed1/cv_pooled/metrics.json}
+SEEDS=${SEEDS:-0 1}
+members=()
+for seed in $SEEDS; do
+  member="$RUN/seed_$seed"
+  resume=()
+  [ -f "$member/config.json" ] && resume=(--resume)
+  nerveseg train --data "$DATA" --recipe nerveseg --val-fraction 0 --seed 0 --train-seed "$seed" --quiet \
+    --out "$member" "${resume[@]}"
+  members+=("$member")
+done
+shipped="${members[0]}"
+if [ ${#members[@]} -gt 1 ]; then
+  shipped="$RUN/ensemble"
+  [ -f "$shipped/config.json" ] || nerveseg ensemble "${members[@]}" --out "$shipped"
+fi
+# copy it into the package without machine paths, export each member's ONNX graph (so the default
+# backend never exports at run time) and write its model card from the cross-validated figures
 cv=(); [ -f "$CV" ] && cv=(--cv-metrics "$CV")
-python benchmarks/ship_default_model.py "$RUN" --name sa_unet_usgra --no-tta --keep-largest '' --cv-folds "${CV_FOLDS:-5}" "${cv[@]}"
+python benchmarks/ship_default_model.py "$shipped" --name sa_unet_usgra --no-tta --keep-largest '' \
+  --cv-folds "${CV_FOLDS:-5}" "${cv[@]}"

@@ -1,0 +1,169 @@
+"""Choose the nerve threshold and small-region removal by nested cross-validation, as nnU-Net
+chooses its post-processing, for one recipe's fold models or an ensemble of several recipes' ones.
+
+    python benchmarks/postprocess_cv.py RUN [RUN ...] --data DATA --out OUT
+
+Each RUN holds ``fold_k/`` runs trained on the same five splits (``--folds 5 --fold k``). For every
+fold that all RUNs have finished, each fold model's nerve probabilities on fold k's held-out images
+are computed once at the images' original resolution and cached (``fold_k/val_probs.npz``, float16);
+several RUNs are averaged (bilinear resizing is linear, so this is the mean an ensemble folder's
+``EnsemblePredictor`` computes, up to rounding).
+
+Candidates: threshold t (0.30-0.70) x removal of nerve regions smaller than a fraction f of the largest
+(0 = keep all, 1 = keep only the largest). **Nested**: for each held-out fold k, the candidate with the
+best mean Dice on the *other* folds' images is applied to fold k, so no image takes part in choosing
+the rule it is scored with. Printed, and written to ``OUT/summary.json`` and ``OUT/table.md``: the
+plain rule (t = 0.5, f = 0) against the nested choice, pooled, with a paired Wilcoxon test, and the
+rule each fold chose. The plain rule's Dice is checked against each run's own ``eval/per_image.csv``
+(``nerveseg evaluate``), an independent code path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.stats import wilcoxon
+
+from nerveseg.config import RunConfig
+from nerveseg.data.io import read_mask
+from nerveseg.data.media import read_frame
+from nerveseg.data.samples import discover_samples
+from nerveseg.inference.predictor import Predictor
+from nerveseg.io_utils import atomic_path, atomic_write_json
+
+THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.30, 0.701, 0.05))
+FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+def fold_probabilities(fold_run: Path, samples_by_stem: dict) -> dict[str, np.ndarray]:
+    """{stem: (H, W) float16 nerve probability} on the fold run's validation images, cached."""
+    cache = fold_run / "val_probs.npz"
+    config = RunConfig.load(fold_run / "config.json")
+    if cache.exists():
+        with np.load(cache) as z:
+            probs = {k: z[k] for k in z.files}
+        if set(probs) == set(config.val_stems):
+            return probs
+    predictor = Predictor.from_run(fold_run, device="cpu", tta=False)
+    predictor.config.inference.keep_largest = ()
+    probs = {}
+    for stem in config.val_stems:
+        sample = samples_by_stem[stem]
+        image, _, _ = read_frame(sample.image_path, sample.frame)
+        probs[stem] = predictor.predict(image).astype(np.float16)
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **probs)
+    return probs
+
+
+def apply_rule(prob: np.ndarray, threshold: float, fraction: float) -> np.ndarray:
+    mask = prob >= threshold
+    if fraction <= 0 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())[1:]
+    keep = np.flatnonzero(sizes >= fraction * sizes.max()) + 1
+    if fraction >= 1:  # exactly one region, the largest (first on ties)
+        keep = keep[:1]
+    return np.isin(labels, keep)
+
+
+def dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, bool]:
+    """(Dice, complete miss) under the policy of nerveseg.evaluation.metrics (truth is never empty here)."""
+    tp = int(np.count_nonzero(pred & truth))
+    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
+    return (2 * tp / total if total else 1.0), tp == 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--data", required=True, type=Path)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+
+    finished = [{int(d.name.split("_")[1]) for d in run.glob("fold_*") if (d / "model.safetensors").exists()
+                 and (d / "eval" / "metrics.json").exists()} for run in args.runs]
+    folds = sorted(set.intersection(*finished))
+    if not folds:
+        sys.exit("no fold has finished in every run (fold_k/model.safetensors and fold_k/eval/metrics.json)")
+    samples, _ = discover_samples(args.data)
+    by_stem = {s.stem: s for s in samples}
+    candidates = list(itertools.product(THRESHOLDS, FRACTIONS))
+    scores: dict[str, np.ndarray] = {}  # stem -> (n_candidates, 2): dice, miss
+    fold_of: dict[str, int] = {}
+    for k in folds:
+        per_run = [fold_probabilities(run / f"fold_{k}", by_stem) for run in args.runs]
+        for stem in per_run[0]:
+            prob = np.mean([p[stem].astype(np.float32) for p in per_run], axis=0)
+            sample = by_stem[stem]
+            image, _, _ = read_frame(sample.image_path, sample.frame)
+            truth = read_mask(sample.mask_path, label=1, image_shape=image.shape)
+            scores[stem] = np.array([dice(apply_rule(prob, t, f), truth) for t, f in candidates], dtype=float)
+            fold_of[stem] = k
+        if len(args.runs) == 1:  # the plain rule must agree with `nerveseg evaluate`'s own figures
+            with (args.runs[0] / f"fold_{k}" / "eval" / "per_image.csv").open(newline="") as f:
+                reference = {r["stem"]: float(r["dice"]) for r in csv.DictReader(f)}
+            plain_index = candidates.index((0.5, 0.0))
+            worst = max(abs(scores[s][plain_index, 0] - reference[s]) for s in per_run[0])
+            if worst > 0.01:
+                sys.exit(f"fold {k}: plain-rule Dice differs from eval/per_image.csv by up to {worst:.4f}")
+
+    stems = sorted(scores)
+    plain = candidates.index((0.5, 0.0))
+    chosen_dice, chosen_miss, per_fold = {}, {}, {}
+    for k in folds:
+        inner = [s for s in stems if fold_of[s] != k]
+        outer = [s for s in stems if fold_of[s] == k]
+        mean_inner = np.mean([scores[s][:, 0] for s in inner], axis=0) if inner else np.zeros(len(candidates))
+        best = int(np.argmax(mean_inner)) if inner else plain
+        for s in outer:
+            chosen_dice[s], chosen_miss[s] = scores[s][best]
+        per_fold[k] = {"threshold": candidates[best][0], "min_region_fraction": candidates[best][1],
+                       "n": len(outer), "plain_dice": float(np.mean([scores[s][plain, 0] for s in outer])),
+                       "chosen_dice": float(np.mean([chosen_dice[s] for s in outer]))}
+    a = np.array([scores[s][plain, 0] for s in stems])
+    b = np.array([chosen_dice[s] for s in stems])
+    grid = np.mean([scores[s][:, 0] for s in stems], axis=0)
+    summary = {
+        "runs": [r.name for r in args.runs], "folds": folds, "n": len(stems),
+        "plain": {"dice_mean": float(a.mean()), "dice_sd": float(a.std(ddof=1)), "dice_median": float(np.median(a)),
+                  "zero_overlap": int(sum(scores[s][plain, 1] for s in stems))},
+        "nested": {"dice_mean": float(b.mean()), "dice_sd": float(b.std(ddof=1)), "dice_median": float(np.median(b)),
+                   "zero_overlap": int(sum(chosen_miss[s] for s in stems))},
+        "nested_vs_plain": {"mean_difference": float((b - a).mean()), "median_difference": float(np.median(b - a)),
+                            "p": float(wilcoxon(b, a).pvalue) if np.any(a != b) else 1.0},
+        "per_fold": per_fold,
+        # for reading only, not for reporting: every candidate's pooled Dice over all folds
+        "pooled_grid": {f"t={t:.2f},f={f:.1f}": float(v) for (t, f), v in zip(candidates, grid)},
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out / "summary.json", summary)
+    lines = ["| rule | n | nerve Dice (mean ± SD) | median | zero-overlap |", "| --- | ---: | --- | ---: | ---: |"]
+    for name, label in (("plain", "threshold 0.5, keep all regions"), ("nested", "chosen on the other folds")):
+        d = summary[name]
+        lines.append(f"| {label} | {len(stems)} | {d['dice_mean']:.3f} ± {d['dice_sd']:.3f} | {d['dice_median']:.3f} | "
+                     f"{d['zero_overlap']}/{len(stems)} |")
+    t = summary["nested_vs_plain"]
+    lines += ["", f"- chosen minus plain, paired per image: mean {t['mean_difference']:+.3f}, median "
+              f"{t['median_difference']:+.3f}, Wilcoxon p = {t['p']:.2g} (n = {len(stems)})",
+              "- rule chosen per held-out fold: " + ", ".join(
+                  f"fold {k}: t = {v['threshold']:.2f}, f = {v['min_region_fraction']:.1f}" for k, v in per_fold.items())]
+    (args.out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    top = sorted(summary["pooled_grid"].items(), key=lambda kv: -kv[1])[:5]
+    print("best pooled candidates (reading only):", ", ".join(f"{k} {v:.3f}" for k, v in top))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""The accuracy study's scripts (benchmarks/): the post-processing rules chosen on cross-validation
+and the pooling of fold evaluations into one metrics.json, against hand-computed cases."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nerveseg.evaluation.evaluate import PER_IMAGE_FIELDS, SUMMARY_KEYS, save_roc_histograms, write_per_image
+from nerveseg.evaluation.metrics import RocAccumulator, image_metrics, summarize
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def postprocess():
+    return _script("postprocess_cv")
+
+
+@pytest.fixture(scope="module")
+def pool():
+    return _script("pool_fold_evals")
+
+
+def _two_regions() -> np.ndarray:
+    prob = np.zeros((20, 20))
+    prob[1:7, 1:7] = 0.9  # 36 px
+    prob[12:14, 12:14] = 0.6  # 4 px: 11% of the largest
+    prob[15:17, 1:3] = 0.4  # 4 px, below 0.5
+    return prob
+
+
+def test_rule_threshold_and_region_fraction_by_hand(postprocess):
+    prob = _two_regions()
+    assert postprocess.apply_rule(prob, 0.5, 0.0).sum() == 40
+    assert postprocess.apply_rule(prob, 0.3, 0.0).sum() == 44
+    assert postprocess.apply_rule(prob, 0.5, 0.1).sum() == 40  # 4 >= 0.1 * 36
+    assert postprocess.apply_rule(prob, 0.5, 0.2).sum() == 36  # 4 < 0.2 * 36
+    assert postprocess.apply_rule(prob, 0.3, 1.0).sum() == 36
+    assert postprocess.apply_rule(prob, 0.95, 0.5).sum() == 0  # nothing above threshold: nothing to filter
+
+
+def test_rule_keep_largest_keeps_one_region_on_ties(postprocess):
+    prob = np.zeros((10, 10))
+    prob[0:2, 0:2] = prob[5:7, 5:7] = 1.0
+    mask = postprocess.apply_rule(prob, 0.5, 1.0)
+    assert mask.sum() == 4 and mask[0:2, 0:2].all()
+
+
+def test_dice_matches_image_metrics(postprocess):
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        truth = rng.random((16, 16)) > 0.6
+        pred = rng.random((16, 16)) > 0.5
+        d, miss = postprocess.dice(pred, truth)
+        ref = image_metrics(pred.astype(float), truth)
+        assert d == pytest.approx(ref["dice"]) and miss == ref["zero_overlap"]
+    truth = np.zeros((4, 4), bool)
+    truth[0, 0] = True
+    assert postprocess.dice(np.zeros((4, 4), bool), truth) == (0.0, True)
+
+
+def _fold_eval(folder: Path, stems: list[str], rng) -> list[dict]:
+    rows, roc = [], RocAccumulator()
+    for stem in stems:
+        truth = np.zeros((24, 24), bool)
+        truth[5:15, 6:16] = True
+        prob = np.clip(truth * rng.uniform(0.3, 1.0) + rng.random((24, 24)) * 0.5, 0, 1)
+        roc.update(prob, truth)
+        rows.append({"stem": stem, **image_metrics(prob, truth)})
+    write_per_image(folder / "per_image.csv", [{k: r[k] for k in PER_IMAGE_FIELDS} for r in rows])
+    save_roc_histograms(roc, folder / "roc.npz")
+    return rows, roc
+
+
+def test_pooled_fold_evaluations_equal_one_evaluation_of_all_images(pool, tmp_path):
+    rng = np.random.default_rng(1)
+    a, b = tmp_path / "fold_0", tmp_path / "fold_1"
+    a.mkdir(), b.mkdir()
+    rows_a, roc_a = _fold_eval(a, ["001", "002", "003"], rng)
+    rows_b, roc_b = _fold_eval(b, ["004", "005"], rng)
+    pooled = {**pool.load(a / "per_image.csv"), **pool.load(b / "per_image.csv")}
+    summary = pool.write_pooled([a, b], pooled, tmp_path / "cv")
+    expected = summarize(rows_a + rows_b, keys=SUMMARY_KEYS)
+    for key in ("dice", "precision", "recall", "hd95", "auc"):
+        assert summary[key]["mean"] == pytest.approx(expected[key]["mean"], abs=1e-5)
+        assert summary[key]["sd"] == pytest.approx(expected[key]["sd"], abs=1e-5)
+    assert summary["n_images"] == 5 and summary["zero_overlap_rate"] == expected["zero_overlap_rate"]
+    both = RocAccumulator()
+    both.pos_hist, both.neg_hist = roc_a.pos_hist + roc_b.pos_hist, roc_a.neg_hist + roc_b.neg_hist
+    assert summary["pooled_auc"] == pytest.approx(both.auc())
+    assert (tmp_path / "cv" / "metrics.json").exists() and len(pool.load(tmp_path / "cv" / "per_image.csv")) == 5
+
+
+def test_pooling_refuses_folds_that_share_images(pool, tmp_path):
+    rng = np.random.default_rng(2)
+    a, b = tmp_path / "fold_0", tmp_path / "fold_1"
+    a.mkdir(), b.mkdir()
+    _fold_eval(a, ["001", "002"], rng)
+    _fold_eval(b, ["002", "003"], rng)
+    pooled = {**pool.load(a / "per_image.csv"), **pool.load(b / "per_image.csv")}
+    with pytest.raises(SystemExit, match="count an image twice"):
+        pool.write_pooled([a, b], pooled, tmp_path / "cv")
+    assert not (tmp_path / "cv").exists()
