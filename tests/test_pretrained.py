@@ -78,3 +78,25 @@ def test_shipped_model_finds_nerves_in_real_images(real_data, tmp_path):
     assert np.mean(dices) > 0.6, dices
     meta = json.loads((pretrained_dir() / "config.json").read_text())
     assert len(meta["train_stems"]) == 204 and meta["val_stems"] == []  # an ensemble: its members' union
+
+
+def test_shipped_folder_may_be_an_ensemble_of_any_member_names(tmp_path):
+    from nerveseg.pretrained import _has_weights
+
+    folder = tmp_path / "shipped"
+    for member in ("seed_0", "seed_1"):
+        (folder / member).mkdir(parents=True)
+        (folder / member / "model.safetensors").write_bytes(b"x")
+    assert not _has_weights(folder)  # no config.json
+    (folder / "config.json").write_text(json.dumps({"members": ["seed_0", "seed_1"]}))
+    assert _has_weights(folder)
+    (folder / "seed_1" / "model.safetensors").unlink()
+    assert not _has_weights(folder)  # a member lost its weights
+    (folder / "config.json").write_text("{not json")
+    assert not _has_weights(folder)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "config.json").write_text(json.dumps({"members": []}))
+    assert not _has_weights(single)
+    (single / "model.safetensors").write_bytes(b"x")
+    assert _has_weights(single)

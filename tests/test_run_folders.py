@@ -203,8 +203,11 @@ def _onnx_only_run(tmp_path: Path, **config_changes) -> Path:
     """A deployed folder: the shipped model.onnx next to a config.json (and no weights)."""
     run = tmp_path / "deployed"
     run.mkdir()
-    shutil.copy(pretrained_dir() / "model.onnx", run / "model.onnx")
-    cfg = json.loads((pretrained_dir() / "config.json").read_text())
+    shipped = pretrained_dir()
+    members = json.loads((shipped / "config.json").read_text()).get("members") or []
+    single = shipped / members[0] if members else shipped  # an ensemble's first member is one model
+    shutil.copy(single / "model.onnx", run / "model.onnx")
+    cfg = json.loads((single / "config.json").read_text())
     for section, values in config_changes.items():
         cfg[section].update(values)
     (run / "config.json").write_text(json.dumps(cfg))

@@ -7,6 +7,7 @@ trained and how well it does.
 
 from __future__ import annotations
 
+import json
 from importlib import resources
 from pathlib import Path
 
@@ -18,11 +19,20 @@ DEFAULT_MODEL = "sa_unet_usgra"
 def pretrained_dir(name: str = DEFAULT_MODEL) -> Path:
     """The folder of a shipped model; InputError when this install does not carry it."""
     folder = Path(str(resources.files(__package__).joinpath(name)))
-    weights = (folder / "model.safetensors").is_file() or (folder / "fold_0" / "model.safetensors").is_file()
-    if not weights or not (folder / "config.json").is_file():
+    if not _has_weights(folder):
         raise InputError(
             folder,
             "the pretrained model is not in this installation",
             "reinstall nerveseg, or pass --model RUN from `nerveseg train`",
         )
     return folder
+
+
+def _has_weights(folder: Path) -> bool:
+    """config.json plus weights: its own, or every member's for an ensemble (fold models or seeds)."""
+    try:
+        members = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("members") or []
+    except (OSError, ValueError, AttributeError):
+        return False
+    return all((folder / m / "model.safetensors").is_file() for m in members) if members \
+        else (folder / "model.safetensors").is_file()
