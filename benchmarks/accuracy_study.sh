@@ -12,6 +12,8 @@
 #                                                           FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh seeds [DATA] [OUT]    a second shipped-recipe model of each fold (--train-seed 1)
 #                                                           and the two as a seed ensemble; FOLDS="1 0" screens
+#   bash benchmarks/accuracy_study.sh vessels256 [DATA] [OUT] the shipped recipe with nerve + vessel outputs;
+#                                                           FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 #   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
@@ -133,6 +135,15 @@ size320)
   for fold in ${FOLDS:-1 0 2 3 4}; do
     train sa_unet_s320/fold_$fold --recipe nerveseg --size 320 --folds 5 --fold $fold
     evaluate sa_unet_s320/fold_$fold --backend torch --no-tta --keep-largest ''
+  done
+  ;;
+vessels256)
+  # the hypothesis: the vessels (mask value 2) are the landmark that tells the nerve from the
+  # round hypoechoic structure beside the artery. Screened so far only at 128 px and 30 epochs, so here
+  # on the shipped base: the shipped recipe with nerve + vessel outputs (one sigmoid each), nerve scored
+  for fold in ${FOLDS:-1 0 2 3 4}; do
+    train sa_unet_vessels256/fold_$fold --recipe nerveseg --labels 1,2 --label-names nerve,vessel --folds 5 --fold $fold
+    evaluate sa_unet_vessels256/fold_$fold --backend torch --no-tta --keep-largest ''
   done
   ;;
 seeds)
