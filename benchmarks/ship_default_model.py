@@ -6,7 +6,7 @@ Usage: python benchmarks/ship_default_model.py RUN [--name sa_unet_usgra] [--tta
 Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
 model.onnx, so the default backend never exports at run time. Every machine-specific value is
 removed: the data folder (the images are not shipped), and an --init-from path. The inference
-options (--tta, --keep-largest) are the ones chosen on cross-validation (docs/benchmarks.md).
+options (--tta, --keep-largest, --threshold) are the ones chosen on cross-validation (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from nerveseg.io_utils import atomic_write_json
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nerveseg" / "pretrained"
 
 
-def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] | None) -> RunConfig:
+def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] | None,
+             threshold: float | None = None) -> RunConfig:
     config.data.data_dir = ""  # trained on usgra-seg (docs/MODEL_CARD.md); the path was this machine's
     if config.train.init_from not in (None, "default"):
         config.train.init_from = Path(config.train.init_from).name
@@ -30,12 +31,14 @@ def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] 
         config.inference.tta = tta
     if keep_largest is not None:
         config.inference.keep_largest = keep_largest
+    if threshold is not None:
+        config.inference.threshold = threshold
     return config
 
 
-def ship_run(run: Path, dest: Path, tta=None, keep_largest=None) -> None:
+def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    config = portable(RunConfig.load(run / "config.json"), tta, keep_largest)
+    config = portable(RunConfig.load(run / "config.json"), tta, keep_largest, threshold)
     atomic_write_json(dest / "config.json", config.to_dict())
     if config.members:
         for member in config.members:
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--name", default="sa_unet_usgra")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
+    parser.add_argument("--threshold", type=float, default=None, help="the probability cut chosen on cross-validation")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
     parser.add_argument("--cv-folds", type=int, default=None, help="how many held-out folds those metrics cover (a single model)")
     args = parser.parse_args()
@@ -89,7 +93,7 @@ def main() -> None:
     if dest.exists():
         shutil.rmtree(dest)
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
-    ship_run(Path(args.run), dest, args.tta, keep)
+    ship_run(Path(args.run), dest, args.tta, keep, args.threshold)
     if args.cv_metrics:
         config = RunConfig.load(dest / "config.json")
         # fold models (each held images out) or models trained on every image (seeds of one recipe)

@@ -62,7 +62,7 @@ def test_recipe_paper_reproduces_the_config_of_before(tmp_path):
         for section, fields in NEW_FIELDS_OFF.items():
             for key, value in fields.items():
                 assert d[section].pop(key) == value, (section, key)
-        assert d.pop("members") == [] and d.pop("inference") == {"tta": False, "keep_largest": []}
+        assert d.pop("members") == [] and d.pop("inference") == {"tta": False, "keep_largest": [], "threshold": 0.5}
         assert d.pop("recipe") == "paper"
         assert d == PAPER_CONFIG_BEFORE
 
@@ -477,3 +477,44 @@ def test_fold_pair_ensembles_refuses_folds_of_different_splits(tmp_path):
     with pytest.raises(ConfigError, match="hold out different images"):
         pairs.build_pair(sa, other, tmp_path / "pair")
     assert not (tmp_path / "pair").exists()
+
+
+def test_model_threshold_is_validated_saved_and_used_by_segment_and_evaluate(tmp_path):
+    from nerveseg.config import InferenceConfig
+    from nerveseg.evaluation.evaluate import evaluate_run
+    from nerveseg.inference.segment import SegmentOptions, segment_files, with_model_threshold
+
+    for bad in (0, 1, 1.5, -0.1, "0.5", True, None):
+        with pytest.raises(ConfigError, match="inference.threshold"):
+            InferenceConfig(threshold=bad)
+    run = _single_run(tmp_path / "run", "sa_unet", tmp_path, seed=4)
+    image = (np.random.default_rng(5).random((40, 48)) * 255).astype(np.uint8)
+    prob = Predictor.from_run(run, device="cpu").predict(image.astype(np.float32) / 255)
+    cut = float(np.quantile(prob, 0.7))  # a cut that keeps about 30% of the pixels: neither 0.5's mask nor empty
+    d = json.loads((run / "config.json").read_text())
+    assert d["inference"]["threshold"] == 0.5  # written by default, read back the same
+    d["inference"]["threshold"] = cut
+    (run / "config.json").write_text(json.dumps(d))
+    predictor = Predictor.from_run(run, device="cpu")
+    assert with_model_threshold(SegmentOptions(), predictor).threshold == pytest.approx(cut)
+    assert with_model_threshold(SegmentOptions(threshold=0.4), predictor).threshold == 0.4  # the user's wins
+    # segment: the mask is prob >= the model's cut, computed here independently
+    from PIL import Image
+
+    Image.fromarray(image).save(tmp_path / "a.png")
+    segment_files([tmp_path / "a.png"], predictor, tmp_path / "seg", SegmentOptions(), log=lambda m: None)
+    mask = np.asarray(Image.open(tmp_path / "seg" / "a_mask.png")) > 0
+    expected = prob >= cut
+    assert 0 < expected.sum() < expected.size and abs(int(mask.sum()) - int(expected.sum())) <= 0.01 * expected.size
+    # evaluate: the model's cut unless --threshold is given
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "masks").mkdir()
+    for stem in ("000", "001", "002"):
+        Image.fromarray(image).save(data / "images" / f"{stem}.png")
+        Image.fromarray((expected * 1).astype(np.uint8)).save(data / "masks" / f"{stem}.png")
+    summary = evaluate_run(run, data, tmp_path / "ev", subset="all", overlays=False, progress=False, backend="torch")
+    assert summary["threshold"] == pytest.approx(cut) and summary["dice"]["mean"] > 0.98
+    summary = evaluate_run(run, data, tmp_path / "ev2", subset="all", overlays=False, progress=False, backend="torch",
+                           threshold=0.5)
+    assert summary["threshold"] == 0.5 and summary["dice"]["mean"] < 0.98

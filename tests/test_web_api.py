@@ -152,6 +152,17 @@ def test_model_info_health_and_offline_pages(real):
     assert m["architecture"] == "sa_unet" and m["parameters"] == 455_603 and m["shipped"]
     assert m["classes"][0] == "nerve" and m["card"]["use"].startswith("Not a medical device")
     assert m["recipe"]["epochs"] >= 1 and m["input_size"] >= 64
+    from nerveseg.pretrained import pretrained_dir
+
+    shipped = RunConfig.load(pretrained_dir() / "config.json")
+    assert m["threshold"] == shipped.inference.threshold and m["members"] == (len(shipped.members) or 1)
+    # an upload that names no threshold is cut where the model's config says; one that does, there
+    buf = io.BytesIO()
+    Image.fromarray((np.random.default_rng(7).random((64, 80)) * 255).astype(np.uint8)).save(buf, format="PNG")
+    case = real.post("/api/cases", params={"name": "t.png"}, content=buf.getvalue()).json()
+    assert case["threshold"] == shipped.inference.threshold
+    case = real.post("/api/cases", params={"name": "t.png", "threshold": 0.3}, content=buf.getvalue()).json()
+    assert case["threshold"] == 0.3
     h = real.get("/api/health").json()
     assert h["status"] == "ok" and h["auth_required"] is False
     page = real.get("/")

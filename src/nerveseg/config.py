@@ -180,9 +180,15 @@ class InferenceConfig:
 
     tta: bool = False  # average with the prediction of the horizontally mirrored image
     keep_largest: tuple[str, ...] = ()  # class names whose mask keeps only its largest component
+    # probability cut for every class's mask; an ensemble's averaged probabilities may want a lower
+    # one than a single model's 0.5 (where members disagree, their mean drops under 0.5)
+    threshold: float = 0.5
 
     def __post_init__(self) -> None:
         self.keep_largest = tuple(self.keep_largest)
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < 1:
+            raise ConfigError(f"inference.threshold must be a number in (0, 1), got {self.threshold!r}")
+        self.threshold = float(self.threshold)
 
 
 @dataclass

@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-largest", type=_names, default=None,
                    help="classes whose mask keeps only its largest region, e.g. nerve or nerve,vessel; "
                         "'' for none (default: the model's setting)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability cut for the masks (default: the model's, config.json inference.threshold, 0.5 "
+                        "unless chosen on cross-validation)")
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="pixel size, for HD in mm")
     p.add_argument("--no-overlays", action="store_true")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -481,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="isotropic pixel size in mm (overrides DICOM)")
     p.add_argument("--spacing", type=_spacing_xy, default=None, help="X,Y pixel size in mm (overrides DICOM)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability cut for the masks (default: the model's, config.json inference.threshold, 0.5 "
+                        "unless chosen on cross-validation)")
     p.add_argument("--postprocess", choices=("none", "largest", "min_area", "ellipse"), default="none")
     p.add_argument("--min-area", type=int, default=0, help="drop components smaller than this many pixels")
     p.add_argument("--per-component", action="store_true", help="one measurement row per component")

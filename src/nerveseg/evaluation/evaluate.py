@@ -158,7 +158,7 @@ def evaluate_run(
     out_dir: str | Path,
     label=None,
     subset: str = "all",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     mm_per_pixel: float | None = None,
     overlays: bool = True,
     progress: bool = True,
@@ -184,6 +184,8 @@ def evaluate_run(
             model.config.inference.keep_largest = tuple(keep_largest)
     if label is None:
         label = predictor.config.data.label
+    if threshold is None:  # the cut chosen with the model (config.json inference.threshold)
+        threshold = predictor.config.inference.threshold
     samples, problems = discover_samples(data_dir)
     samples = select_subset(samples, predictor, subset)
     if not samples:

@@ -25,7 +25,7 @@ import os
 import posixpath
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
@@ -48,7 +48,7 @@ SUPPORTED_EXTENSIONS = MEDIA_EXTENSIONS  # DICOM_EXTENSIONS is imported from dat
 class SegmentOptions:
     """How to turn probabilities into masks and measurements."""
 
-    threshold: float = 0.5
+    threshold: float | None = None  # None: the model's own (config.json inference.threshold)
     spacing: Spacing | None = None  # from --mm-per-pixel / --spacing; wins over DICOM
     postprocess: str = "none"
     min_area_px: int = 0
@@ -58,12 +58,25 @@ class SegmentOptions:
     batch_size: int = 4
 
     def __post_init__(self) -> None:
-        if not 0 < self.threshold < 1:
+        if self.threshold is not None and not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
         if self.postprocess not in POSTPROCESS_MODES:
             raise ConfigError(f"unknown post-processing {self.postprocess!r}; choose from {', '.join(POSTPROCESS_MODES)}")
         if not 0 <= self.temporal_smoothing < 1:
             raise ConfigError(f"temporal smoothing must be in [0, 1), got {self.temporal_smoothing}")
+
+
+def with_model_threshold(options: SegmentOptions, predictor) -> SegmentOptions:
+    """``options`` with its threshold filled from the model when the user gave none."""
+    if options.threshold is not None:
+        return options
+    return replace(options, threshold=model_threshold(predictor))
+
+
+def model_threshold(predictor) -> float:
+    """The probability cut chosen with the model (config.json ``inference.threshold``; 0.5 by default)."""
+    config = getattr(predictor, "config", None)
+    return float(config.inference.threshold) if config is not None else 0.5
 
 
 @dataclass
@@ -674,7 +687,7 @@ def segment_files(
     ``resume``: inputs whose outputs in ``out_dir`` are complete (:func:`completed_inputs`, per
     shard) are not segmented again; their earlier rows are kept, so the final table holds the
     rows of every input, in input order. Resume with the same inputs (as given), options and shard."""
-    options = options or SegmentOptions()
+    options = with_model_threshold(options or SegmentOptions(), predictor)
     index, count = check_shard(shard)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

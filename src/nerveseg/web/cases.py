@@ -23,7 +23,7 @@ from ..data.media import read_dicom_header, read_media
 from ..errors import InputError
 from ..inference.calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing
 from ..inference.measure import measurement_rows, postprocess
-from ..inference.segment import SegmentOptions
+from ..inference.segment import SegmentOptions, with_model_threshold
 from .images import NERVE, VESSEL
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9_-]{16,32}$"
@@ -139,6 +139,7 @@ def segment_upload(
     """
     t0 = time.perf_counter()
     warnings: list[str] = []
+    options = with_model_threshold(options, predictor)
 
     def rename(exc: InputError) -> InputError:  # the client's name, never the server's temporary path
         def scrub(text: str) -> str:

@@ -63,6 +63,8 @@ def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
         "parameters": params,
         "classes": list(getattr(predictor, "class_names", None) or ["nerve"]),
         "input_size": config.preprocess.size,
+        "members": len(config.members) or 1,  # an ensemble averages this many models
+        "threshold": config.inference.threshold,  # the page's default probability cut
         "backend": type(predictor).__name__ + (" (native SAConv)" if getattr(predictor, "native_ops", False) else ""),
         "recipe": {
             "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "schedule": t.schedule,

@@ -56,7 +56,7 @@ async def create_case(
     name: str = Query("", max_length=255, description="the file's name, shown on the page (never used as a path)"),
     mm_per_pixel: Optional[float] = Query(None, gt=0, description="pixel size in mm (wins over DICOM calibration)"),
     spacing: Optional[str] = Query(None, description="X,Y pixel size in mm for non-square pixels"),
-    threshold: float = Query(0.5, gt=0, lt=1),
+    threshold: Optional[float] = Query(None, gt=0, lt=1, description="probability cut (default: the model's, 0.5 unless chosen on cross-validation)"),
     postprocess: Literal[POSTPROCESS_MODES] = Query("none"),
     min_area: int = Query(0, ge=0, description="drop components smaller than this many pixels"),
     temporal_smoothing: float = Query(0.0, ge=0, lt=1, description="cine loops: weight of the previous frames"),

@@ -792,7 +792,7 @@ async function loadModel() {
   try {
     const m = await apiJSON("/api/model");
     $("model-summary").textContent = `${m.architecture}, ${m.parameters ? m.parameters.toLocaleString() + " parameters" : ""}, ` +
-      `${m.classes.join(" + ")}, ${m.input_size} px` + (m.shipped ? " (shipped model)" : " (" + m.in_use.split("/").pop() + ")");
+      `${m.classes.join(" + ")}, ${m.input_size} px` + (m.members > 1 ? `, ensemble of ${m.members}` : "") + (m.shipped ? " (shipped model)" : " (" + m.in_use.split("/").pop() + ")");
     const card = $("model-card");
     card.replaceChildren();
     const dl = document.createElement("dl");
@@ -803,6 +803,7 @@ async function loadModel() {
     if (m.card) { add("Data", m.card.data); add("Validation", m.card.validation); add("Limits", m.card.limits); add("Use", m.card.use); }
     add("Run folder", m.in_use);
     card.append(dl);
+    $("opt-threshold").value = m.threshold;  // the cut chosen with this model; the user may change it
     $("ft-epochs").value = $("ft-epochs").value || 10;
   } catch (err) { showError(err.message); }
 }
