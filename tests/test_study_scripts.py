@@ -112,3 +112,17 @@ def test_pooling_refuses_folds_that_share_images(pool, tmp_path):
     with pytest.raises(SystemExit, match="count an image twice"):
         pool.write_pooled([a, b], pooled, tmp_path / "cv")
     assert not (tmp_path / "cv").exists()
+
+
+def test_rule_choice_best_dice_and_under_a_miss_budget(postprocess):
+    # three candidates x four images: (Dice, miss)
+    inner = [np.array([[0.9, 0], [0.8, 0], [0.7, 0]]),
+             np.array([[0.0, 1], [0.7, 0], [0.6, 0]]),
+             np.array([[0.95, 0], [0.0, 1], [0.6, 0]]),
+             np.array([[0.9, 0], [0.8, 0], [0.7, 0]])]
+    # mean Dice 0.6875, 0.575, 0.65; miss rates 0.25, 0.25, 0
+    assert postprocess.choose(inner, None) == 0
+    assert postprocess.choose(inner, 0.25) == 0
+    assert postprocess.choose(inner, 0.1) == 2  # the only candidate within the budget
+    everyone_misses = [np.array([[0.0, 1], [0.5, 0]]), np.array([[0.9, 0], [0.0, 1]]), np.array([[0.0, 1], [0.3, 0]])]
+    assert postprocess.choose(everyone_misses, 0.0) == 1  # none within budget: the fewest misses (1/3 vs 2/3)
