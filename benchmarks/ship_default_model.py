@@ -63,7 +63,7 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None,
         how = f"{len(config.members)}-fold cross-validation of these members"
     elif config.members:  # models of one recipe, each trained on every image with its own seed
         how = (f"{len(config.members)} models of one recipe (training seeds differ), each saw every image; the recipe, "
-               f"as a {len(config.members)}-model ensemble, was cross-validated on {cv_folds or '?'} held-out fold(s) "
+               f"as a {len(config.members)}-model ensemble cut at {config.inference.threshold:.2f}, was cross-validated on {cv_folds or '?'} held-out fold(s) "
                "of a 5-fold split by image")
     else:  # one model on all images: the figures are its recipe's, from fold models that never saw the image
         how = (f"these weights saw every image; their recipe was cross-validated on {cv_folds or '?'} held-out "
