@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -65,9 +66,12 @@ def main() -> None:
 
 def write_pooled(evals: list[Path], pooled: dict[str, dict], out: Path) -> dict:
     """evaluate's metrics.json for the union of the folds' images (summarize over their rows, the
-    pixel ROC pooled from each fold's roc.npz)."""
+    pixel ROC pooled from each fold's roc.npz, the threshold their metrics.json share)."""
     if len(pooled) != sum(len(load(f / "per_image.csv")) for f in evals):
         raise SystemExit("the evaluations share images: pooling them would count an image twice")
+    thresholds = {json.loads((f / "metrics.json").read_text())["threshold"] for f in evals if (f / "metrics.json").exists()}
+    if len(thresholds) > 1:
+        raise SystemExit(f"the evaluations used different thresholds {sorted(thresholds)}: their figures do not pool")
     rows = [{k: (None if r[k] == "" else r[k]) for k in PER_IMAGE_FIELDS} for r in pooled.values()]
     for r in rows:
         r["truth_empty"] = int(r["area_truth_px"]) == 0
@@ -81,7 +85,7 @@ def write_pooled(evals: list[Path], pooled: dict[str, dict], out: Path) -> dict:
     write_per_image(out / "per_image.csv", [{**r, "zero_overlap": int(r["zero_overlap"])} for r in rows])
     save_roc_histograms(roc, out / "roc.npz")
     summary = summarize(rows, keys=SUMMARY_KEYS)
-    summary.update({"pooled_auc": roc.auc(), "threshold": 0.5, "subset": "cv (pooled fold evaluations)",
+    summary.update({"pooled_auc": roc.auc(), "threshold": thresholds.pop() if thresholds else None, "subset": "cv (pooled fold evaluations)",
                     "evaluations": [str(f) for f in evals]})
     atomic_write_json(out / "metrics.json", summary)
     return summary

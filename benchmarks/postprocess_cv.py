@@ -129,9 +129,8 @@ def main() -> None:
         per_run = [fold_probabilities(run / f"fold_{k}", by_stem) for run in args.runs]
         for stem in per_run[0]:
             prob = np.mean([p[stem].astype(np.float32) for p in per_run], axis=0)
-            sample = by_stem[stem]
-            image, _, _ = read_frame(sample.image_path, sample.frame)
-            truth = read_mask(sample.mask_path, label=1, image_shape=image.shape)
+            # the probabilities lie on the image's grid: its shape checks the mask without decoding the image again
+            truth = read_mask(by_stem[stem].mask_path, label=1, image_shape=prob.shape)
             scores[stem] = np.array([dice(apply_rule(prob, t, f), truth) for t, f in candidates], dtype=float)
             fold_of[stem] = k
         if len(args.runs) == 1:  # the plain rule must agree with `nerveseg evaluate`'s own figures

@@ -4,6 +4,7 @@ and the pooling of fold evaluations into one metrics.json, against hand-computed
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,13 @@ def test_pooled_fold_evaluations_equal_one_evaluation_of_all_images(pool, tmp_pa
     both.pos_hist, both.neg_hist = roc_a.pos_hist + roc_b.pos_hist, roc_a.neg_hist + roc_b.neg_hist
     assert summary["pooled_auc"] == pytest.approx(both.auc())
     assert (tmp_path / "cv" / "metrics.json").exists() and len(pool.load(tmp_path / "cv" / "per_image.csv")) == 5
+    assert summary["threshold"] is None  # these evaluations wrote no metrics.json to say
+    for folder, t in ((a, 0.4), (b, 0.4)):
+        (folder / "metrics.json").write_text(json.dumps({"threshold": t}))
+    assert pool.write_pooled([a, b], pooled, tmp_path / "cv")["threshold"] == 0.4
+    (b / "metrics.json").write_text(json.dumps({"threshold": 0.5}))
+    with pytest.raises(SystemExit, match="different thresholds"):
+        pool.write_pooled([a, b], pooled, tmp_path / "cv2")
 
 
 def test_pooling_refuses_folds_that_share_images(pool, tmp_path):
