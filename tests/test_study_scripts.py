@@ -134,3 +134,58 @@ def test_rule_choice_best_dice_and_under_a_miss_budget(postprocess):
     assert postprocess.choose(inner, 0.1) == 2  # the only candidate within the budget
     everyone_misses = [np.array([[0.0, 1], [0.5, 0]]), np.array([[0.9, 0], [0.0, 1]]), np.array([[0.0, 1], [0.3, 0]])]
     assert postprocess.choose(everyone_misses, 0.0) == 1  # none within budget: the fewest misses (1/3 vs 2/3)
+
+
+def _fake_fold_runs(root: Path, data: Path, probabilities) -> None:
+    """Fold runs of a 2-fold split whose cached held-out probabilities are ``probabilities(truth)``:
+    what member_sets.py reads, without training anything."""
+    from nerveseg.config import RunConfig
+    from nerveseg.data.io import read_mask
+    from nerveseg.io_utils import atomic_write_json
+
+    stems = sorted(p.stem for p in (data / "masks").glob("*.png"))
+    for k, val in enumerate((stems[:3], stems[3:])):
+        fold = root / f"fold_{k}"
+        (fold / "eval").mkdir(parents=True)
+        (fold / "model.safetensors").write_bytes(b"")
+        (fold / "eval" / "metrics.json").write_text("{}")
+        atomic_write_json(fold / "config.json", RunConfig(val_stems=list(val)).to_dict())
+        truth = {s: read_mask(data / "masks" / f"{s}.png", label=1).astype(np.float16) for s in val}
+        np.savez(fold / "val_probs.npz", **{s: probabilities(t) for s, t in truth.items()})
+
+
+def test_member_sets_averages_members_and_tests_against_the_reference(tmp_path, monkeypatch):
+    """Hand-made members: A is right everywhere (0.9 on the nerve), B predicts nothing. Their average,
+    0.45 on the nerve, misses every image at 0.5 and is perfect at 0.4."""
+    from conftest import write_ellipse_dataset
+
+    member_sets = _script("member_sets")
+    data = write_ellipse_dataset(tmp_path / "data", 6)
+    _fake_fold_runs(tmp_path / "a", data, lambda t: (0.9 * t).astype(np.float16))
+    _fake_fold_runs(tmp_path / "b", data, lambda t: np.zeros_like(t))
+    out = tmp_path / "sets.json"
+    monkeypatch.setattr("sys.argv", ["member_sets.py", "--data", str(data), "--reference", str(tmp_path / "a"),
+                                     "--set", str(tmp_path / "b"), "--set", f"{tmp_path / 'a'},{tmp_path / 'b'}",
+                                     "--thresholds", "0.5,0.4", "--out", str(out)])
+    member_sets.main()
+    rows = {(tuple(r["members"]), r["threshold"]): r for r in json.loads(out.read_text())["rows"]}
+    assert json.loads(out.read_text())["folds"] == [0, 1]
+    reference = rows[(("a",), 0.5)]
+    assert reference["n"] == 6 and reference["dice_mean"] == 1.0 and reference["zero_overlap"] == 0
+    for t in (0.5, 0.4):
+        assert rows[(("b",), t)]["dice_mean"] == 0.0 and rows[(("b",), t)]["zero_overlap"] == 6
+        assert rows[(("b",), t)]["mean_difference"] == -1.0
+    assert rows[(("a", "b"), 0.5)]["zero_overlap"] == 6
+    assert rows[(("a", "b"), 0.4)]["dice_mean"] == 1.0 and rows[(("a", "b"), 0.4)]["p"] == 1.0
+
+
+def test_member_sets_refuses_an_unfinished_fold(tmp_path, monkeypatch):
+    from conftest import write_ellipse_dataset
+
+    member_sets = _script("member_sets")
+    data = write_ellipse_dataset(tmp_path / "data", 6)
+    _fake_fold_runs(tmp_path / "a", data, lambda t: t)
+    monkeypatch.setattr("sys.argv", ["member_sets.py", "--data", str(data), "--reference", str(tmp_path / "a"),
+                                     "--set", str(tmp_path / "a"), "--folds", "3"])
+    with pytest.raises(SystemExit, match="not finished"):
+        member_sets.main()
