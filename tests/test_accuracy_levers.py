@@ -22,7 +22,7 @@ from nerveseg.models import create
 from nerveseg.training import train
 from nerveseg.training.checkpoint import save_weights, transfer_weights
 from nerveseg.training.losses import deep_supervision_weights, dice_ce_loss, soft_dice_loss, supervised_loss
-from nerveseg.training.recipes import build_run_config, describe, list_recipes
+from nerveseg.training.recipes import FINE_TUNE_LR, build_run_config, describe, list_recipes
 from nerveseg.training.trainer import learning_rate, train_all_folds
 
 SMALL = {"features": [8, 16, 32, 64, 128]}
@@ -406,6 +406,11 @@ def test_all_folds_ensemble_cv_and_fine_tuning(tmp_path, capsys):
     # a single-class source passes on its label (usgra-seg / workspace masks hold 1 nerve, 2 vessel)
     one = _cli_config(["--data", str(data), "--init-from", str(tmp_path / "ens" / "fold_0"), "--out", "O"])
     assert one.data.labels == (1, 2)
+    # fine-tuning's own learning rate (the learning curve's best), unless --lr says otherwise
+    assert one.train.lr == FINE_TUNE_LR == 5e-5 and ft.train.lr == 5e-5
+    assert _cli_config(["--data", str(data), "--init-from", str(tmp_path / "ens" / "fold_0"), "--lr", "2e-4",
+                        "--out", "O"]).train.lr == 2e-4
+    assert _cli_config(["--data", str(data), "--out", "O"]).train.lr == 5e-4  # not fine-tuning: the recipe's
     single = RunConfig.load(tmp_path / "ens" / "fold_0" / "config.json")
     single.data.labels = single.data.label_names = None
     single.model.kwargs.pop("out_channels", None)

@@ -66,11 +66,13 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _train_config(args: argparse.Namespace):
     """The run configuration: the recipe's values, then every flag given explicitly."""
-    from ..training.recipes import build_run_config
+    from ..training.recipes import FINE_TUNE_LR, build_run_config
     from ..training.trainer import resolve_init_from
 
     model, preprocess = {"arch": args.arch, "kwargs": args.model_kwargs}, {"size": args.size}
+    lr = args.lr
     if args.init_from:
+        lr = FINE_TUNE_LR if lr is None else lr
         # fine-tuning: the network (and its input size) are the source model's
         from ..config import RunConfig
 
@@ -93,7 +95,7 @@ def _train_config(args: argparse.Namespace):
         data=dict(data_dir=str(Path(args.data).resolve()), label=args.label, labels=args.labels,
                   label_names=args.label_names, seed=args.seed, val_fraction=args.val_fraction, folds=args.folds,
                   fold=0 if args.all_folds and args.fold is None else args.fold, max_train_images=args.max_train_images),
-        train=dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+        train=dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, schedule=args.schedule,
                    warmup_epochs=args.warmup_epochs, augment=augment, amp=False if args.no_amp else None,
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
                    device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
@@ -394,7 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --folds K: train every fold into OUT/fold_k and make OUT their ensemble")
     p.add_argument("--max-train-images", type=int, default=None, help="train on a seeded subset of this many images")
     p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the recipe's; 5e-5 with --init-from, the fine-tuning curve's best)")
     p.add_argument("--schedule", choices=("constant", "cosine", "poly"), default=None)
     p.add_argument("--warmup-epochs", type=int, default=None)
     p.add_argument("--augment", default=None,
@@ -405,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="best validation epoch (the paper's) or the last epoch")
     p.add_argument("--tta", action="store_true", default=None, help="the model predicts with flip test-time augmentation")
     p.add_argument("--init-from", default=None,
-                   help="fine-tune: start from a run folder's weights, or 'default' for the shipped model")
+                   help="fine-tune: start from a run folder's weights, or 'default' for the shipped model "
+                        "(learning rate 5e-5 unless --lr)")
     p.add_argument("--data-cache", choices=("memory", "disk"), default=None,
                    help="memory (default): decode the split into RAM; disk: decode once into memory-mapped files "
                         "(for sets larger than RAM; reused by later runs on the same data)")

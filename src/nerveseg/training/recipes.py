@@ -16,6 +16,12 @@ from typing import Any
 from ..config import DataConfig, InferenceConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from ..errors import ConfigError
 
+# The learning rate of ``--init-from`` runs when no --lr is given. On the fine-tuning learning curve
+# (docs/benchmarks.md: 5-50 images, 300 steps, scored on a fold none saw) 5e-5 beat 2e-4 with 5, 10 and
+# 20 images (0.467 / 0.486 / 0.511 against 0.353 / 0.400 / 0.448) and matched it with 50: a recipe's
+# from-scratch rate (5e-4) makes a few images erase what the shipped model knows.
+FINE_TUNE_LR = 5e-5
+
 # Every value a recipe sets, by config section. Sections: model, preprocess, data, train, inference.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "paper": {
