@@ -6,7 +6,8 @@ Usage: python benchmarks/ship_default_model.py RUN [--name sa_unet_usgra] [--tta
 Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
 model.onnx, so the default backend never exports at run time. Every machine-specific value is
 removed: the data folder (the images are not shipped), and an --init-from path. The inference
-options (--tta, --keep-largest, --threshold) are the ones chosen on cross-validation (docs/benchmarks.md).
+options (--tta, --keep-largest, --threshold, --low-confidence) are the ones chosen on cross-validation
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nerveseg" / "pretrained
 
 
 def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] | None,
-             threshold: float | None = None) -> RunConfig:
+             threshold: float | None = None, low_confidence: float | None = None) -> RunConfig:
     config.data.data_dir = ""  # trained on usgra-seg (docs/MODEL_CARD.md); the path was this machine's
     if config.train.init_from not in (None, "default"):
         config.train.init_from = Path(config.train.init_from).name
@@ -33,12 +34,14 @@ def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] 
         config.inference.keep_largest = keep_largest
     if threshold is not None:
         config.inference.threshold = threshold
+    if low_confidence is not None:
+        config.inference.low_confidence = low_confidence
     return config
 
 
-def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None) -> None:
+def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None, low_confidence=None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    config = portable(RunConfig.load(run / "config.json"), tta, keep_largest, threshold)
+    config = portable(RunConfig.load(run / "config.json"), tta, keep_largest, threshold, low_confidence)
     atomic_write_json(dest / "config.json", config.to_dict())
     if config.members:
         for member in config.members:
@@ -86,6 +89,8 @@ def main() -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--threshold", type=float, default=None, help="the probability cut chosen on cross-validation")
+    parser.add_argument("--low-confidence", type=float, default=None,
+                        help="the low_confidence QC flag's cut chosen on cross-validation (benchmarks/qc_flags_cv.py)")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
     parser.add_argument("--cv-folds", type=int, default=None, help="how many held-out folds those metrics cover (a single model)")
     args = parser.parse_args()
@@ -93,7 +98,7 @@ def main() -> None:
     if dest.exists():
         shutil.rmtree(dest)
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
-    ship_run(Path(args.run), dest, args.tta, keep, args.threshold)
+    ship_run(Path(args.run), dest, args.tta, keep, args.threshold, args.low_confidence)
     if args.cv_metrics:
         config = RunConfig.load(dest / "config.json")
         # fold models (each held images out) or models trained on every image (seeds of one recipe)

@@ -62,7 +62,8 @@ def test_recipe_paper_reproduces_the_config_of_before(tmp_path):
         for section, fields in NEW_FIELDS_OFF.items():
             for key, value in fields.items():
                 assert d[section].pop(key) == value, (section, key)
-        assert d.pop("members") == [] and d.pop("inference") == {"tta": False, "keep_largest": [], "threshold": 0.5}
+        assert d.pop("members") == [] and d.pop("inference") == {"tta": False, "keep_largest": [], "threshold": 0.5,
+                                                           "low_confidence": 0.7}
         assert d.pop("recipe") == "paper"
         assert d == PAPER_CONFIG_BEFORE
 
@@ -523,3 +524,41 @@ def test_model_threshold_is_validated_saved_and_used_by_segment_and_evaluate(tmp
     summary = evaluate_run(run, data, tmp_path / "ev2", subset="all", overlays=False, progress=False, backend="torch",
                            threshold=0.5)
     assert summary["threshold"] == 0.5 and summary["dice"]["mean"] < 0.98
+
+
+def test_low_confidence_cut_comes_from_the_model_unless_given(tmp_path):
+    """The low_confidence QC flag is set when the mean probability inside the mask is under the
+    model's cut (config.json inference.low_confidence), or the user's; checked against the
+    confidence segment itself reports, one cut either side of it."""
+    import csv as _csv
+
+    from nerveseg.config import InferenceConfig
+    from nerveseg.inference.segment import SegmentOptions, segment_files
+
+    for bad in (-0.1, 1.5, "0.7", True, None):
+        with pytest.raises(ConfigError, match="inference.low_confidence"):
+            InferenceConfig(low_confidence=bad)
+    with pytest.raises(ConfigError, match="low_confidence"):
+        SegmentOptions(low_confidence=2.0)
+    run = _single_run(tmp_path / "run", "sa_unet", tmp_path, seed=4)
+    image = (np.random.default_rng(5).random((40, 48)) * 255).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    d = json.loads((run / "config.json").read_text())
+    assert d["inference"]["low_confidence"] == 0.7  # written by default
+    d["inference"]["threshold"] = float(np.quantile(Predictor.from_run(run, device="cpu").predict(
+        image.astype(np.float32) / 255), 0.7))  # a non-empty mask, so there is a confidence to flag
+
+    def row(cut_in_model, options=SegmentOptions(), name="seg"):
+        d["inference"]["low_confidence"] = cut_in_model
+        (run / "config.json").write_text(json.dumps(d))
+        segment_files([tmp_path / "a.png"], Predictor.from_run(run, device="cpu"), tmp_path / name, options,
+                      log=lambda m: None)
+        with open(tmp_path / name / "measurements.csv", newline="") as f:
+            return next(_csv.DictReader(f))
+
+    confidence = float(row(0.0, name="probe")["confidence"])
+    assert 0 < confidence < 1
+    assert "low_confidence" in row(min(confidence + 0.01, 1.0), name="above")["qc_flags"]
+    assert "low_confidence" not in row(max(confidence - 0.01, 0.0), name="below")["qc_flags"]
+    # the user's cut wins over the model's
+    assert "low_confidence" not in row(1.0, SegmentOptions(low_confidence=0.0), name="user")["qc_flags"]

@@ -156,6 +156,7 @@ def test_model_info_health_and_offline_pages(real):
 
     shipped = RunConfig.load(pretrained_dir() / "config.json")
     assert m["threshold"] == shipped.inference.threshold and m["members"] == (len(shipped.members) or 1)
+    assert m["low_confidence"] == shipped.inference.low_confidence
     # an upload that names no threshold is cut where the model's config says; one that does, there
     buf = io.BytesIO()
     Image.fromarray((np.random.default_rng(7).random((64, 80)) * 255).astype(np.uint8)).save(buf, format="PNG")

@@ -183,12 +183,21 @@ class InferenceConfig:
     # probability cut for every class's mask; an ensemble's averaged probabilities may want a lower
     # one than a single model's 0.5 (where members disagree, their mean drops under 0.5)
     threshold: float = 0.5
+    # measurements whose mean probability inside the mask is under this get the low_confidence QC
+    # flag; how confident a model is where it is wrong depends on the model (an ensemble's averaged
+    # probabilities run lower), so the cut is chosen with it on cross-validation
+    # (benchmarks/qc_flags_cv.py) and saved here
+    low_confidence: float = 0.7
 
     def __post_init__(self) -> None:
         self.keep_largest = tuple(self.keep_largest)
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not 0 < self.threshold < 1:
             raise ConfigError(f"inference.threshold must be a number in (0, 1), got {self.threshold!r}")
         self.threshold = float(self.threshold)
+        if (isinstance(self.low_confidence, bool) or not isinstance(self.low_confidence, (int, float))
+                or not 0 <= self.low_confidence <= 1):
+            raise ConfigError(f"inference.low_confidence must be a number in [0, 1], got {self.low_confidence!r}")
+        self.low_confidence = float(self.low_confidence)
 
 
 @dataclass

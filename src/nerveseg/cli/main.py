@@ -222,6 +222,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     predictor = load_predictor(model_dir, backend=args.backend, device=args.device, intra_op_num_threads=args.threads)
     options = SegmentOptions(
         threshold=args.threshold,
+        low_confidence=args.low_confidence,
         spacing=spacing_from_user(args.mm_per_pixel, args.spacing),
         postprocess=args.postprocess,
         min_area_px=args.min_area,
@@ -490,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="probability cut for the masks (default: the model's, config.json inference.threshold, 0.5 "
                         "unless chosen on cross-validation)")
+    p.add_argument("--low-confidence", type=float, default=None,
+                   help="flag measurements whose mean probability inside the mask is under this (default: the "
+                        "model's, config.json inference.low_confidence, chosen on cross-validation)")
     p.add_argument("--postprocess", choices=("none", "largest", "min_area", "ellipse"), default="none")
     p.add_argument("--min-area", type=int, default=0, help="drop components smaller than this many pixels")
     p.add_argument("--per-component", action="store_true", help="one measurement row per component")

@@ -49,6 +49,7 @@ class SegmentOptions:
     """How to turn probabilities into masks and measurements."""
 
     threshold: float | None = None  # None: the model's own (config.json inference.threshold)
+    low_confidence: float | None = None  # the low_confidence flag's cut; None: the model's own
     spacing: Spacing | None = None  # from --mm-per-pixel / --spacing; wins over DICOM
     postprocess: str = "none"
     min_area_px: int = 0
@@ -60,6 +61,8 @@ class SegmentOptions:
     def __post_init__(self) -> None:
         if self.threshold is not None and not 0 < self.threshold < 1:
             raise ConfigError(f"threshold must be in (0, 1), got {self.threshold}")
+        if self.low_confidence is not None and not 0 <= self.low_confidence <= 1:
+            raise ConfigError(f"low_confidence must be in [0, 1], got {self.low_confidence}")
         if self.postprocess not in POSTPROCESS_MODES:
             raise ConfigError(f"unknown post-processing {self.postprocess!r}; choose from {', '.join(POSTPROCESS_MODES)}")
         if not 0 <= self.temporal_smoothing < 1:
@@ -67,10 +70,14 @@ class SegmentOptions:
 
 
 def with_model_threshold(options: SegmentOptions, predictor) -> SegmentOptions:
-    """``options`` with its threshold filled from the model when the user gave none."""
-    if options.threshold is not None:
-        return options
-    return replace(options, threshold=model_threshold(predictor))
+    """``options`` with its threshold, and the cut of its low_confidence flag, filled from the
+    model (config.json ``inference``) where the user gave none."""
+    if options.threshold is None:
+        options = replace(options, threshold=model_threshold(predictor))
+    if options.low_confidence is None:
+        config = getattr(predictor, "config", None)
+        options = replace(options, low_confidence=float(config.inference.low_confidence) if config is not None else 0.7)
+    return options
 
 
 def model_threshold(predictor) -> float:
@@ -610,7 +617,8 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
                         frame_spacing = dicom_spacing(header, roi=mask_roi(mask), path=path)
                     except InputError as exc:
                         log(f"warning: {exc}")
-                frame_rows = measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component)
+                frame_rows = measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component,
+                                              low_confidence=options.low_confidence)
                 for name, other in zip(other_names, others):
                     values = _class_values(name, other, frame_spacing)
                     for row in frame_rows:

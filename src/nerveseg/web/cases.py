@@ -82,6 +82,7 @@ class Case:
     saved: dict = field(default_factory=dict)  # frame index -> workspace stem
     created: float = field(default_factory=time.time)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+    low_confidence: float = 0.7  # the model's cut for the low_confidence flag
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +103,8 @@ class Case:
         """(Re-)measure one frame from its current labels; returns the measurement row."""
         frame = self.frames[index]
         nerve = frame.labels == NERVE
-        row = measurement_rows(self.name, index, nerve, self.nerve_prob(frame), frame.spacing)[0]
+        row = measurement_rows(self.name, index, nerve, self.nerve_prob(frame), frame.spacing,
+                               low_confidence=self.low_confidence)[0]
         vessel = frame.labels == VESSEL
         row["vessel_area_px"] = int(vessel.sum()) if self.class_index("vessel") is not None or vessel.any() else None
         frame.row = row
@@ -202,7 +204,7 @@ def segment_upload(
     case = Case(
         id=case_id or new_case_id(), name=name, kind=kind, frames=frames, classes=classes,
         threshold=options.threshold, postprocess=options.postprocess, min_area_px=options.min_area_px,
-        fps=fps, model=model_label, seconds=0.0, warnings=warnings,
+        fps=fps, model=model_label, seconds=0.0, warnings=warnings, low_confidence=options.low_confidence,
     )
     for index in range(len(frames)):
         case.measure(index)

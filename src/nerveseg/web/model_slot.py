@@ -66,6 +66,7 @@ def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
         "input_size": config.preprocess.size,
         "members": len(config.members) or 1,  # an ensemble averages this many models
         "threshold": config.inference.threshold,  # the page's default probability cut
+        "low_confidence": config.inference.low_confidence,  # the QC flag's cut, chosen with the model
         "backend": type(predictor).__name__ + (" (native SAConv)" if getattr(predictor, "native_ops", False) else ""),
         "recipe": {
             "epochs": t.epochs, "batch_size": t.batch_size, "lr": t.lr, "schedule": t.schedule,
