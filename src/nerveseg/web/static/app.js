@@ -723,15 +723,23 @@ async function download(path, filename) {
 
 const stemOf = (name) => name.replace(/\.[^.]*$/, "");
 
-async function saveTags() {
+// Tag saves go one at a time, in the order of the changes: two quick changes (region, then side)
+// sent at once could be applied, or answered, out of order, leaving the older tags in place.
+let tagSaves = Promise.resolve();
+
+function saveTags() {
   const c = S.current;
-  if (!c) return;
-  try {
-    const fresh = await postJSON(`/api/cases/${c.id}/tags`, {
-      subject: $("tag-subject").value.trim(), region: $("tag-region").value, side: $("tag-side").value,
-    }, "PUT");
-    S.cases.set(c.id, fresh); S.current = fresh; updateListItem(fresh);
-  } catch (err) { showError(err.message); }
+  if (!c) return tagSaves;
+  const tags = { subject: $("tag-subject").value.trim(), region: $("tag-region").value, side: $("tag-side").value };
+  tagSaves = tagSaves.then(async () => {
+    try {
+      const fresh = await postJSON(`/api/cases/${c.id}/tags`, tags, "PUT");
+      S.cases.set(c.id, fresh);
+      if (S.current && S.current.id === c.id) S.current = fresh;
+      updateListItem(fresh);
+    } catch (err) { showError(err.message); }
+  });
+  return tagSaves;
 }
 
 async function showReport() {
