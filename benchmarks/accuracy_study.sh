@@ -14,6 +14,8 @@
 #                                                           and the two as a seed ensemble; FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh vessels256 [DATA] [OUT] the shipped recipe with nerve + vessel outputs;
 #                                                           FOLDS="1 0" screens
+#   bash benchmarks/accuracy_study.sh seed2 [DATA] [OUT]    a third shipped-recipe model (--train-seed 2), fold 1 by
+#                                                           default: does a third seed add to the pair?
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 #   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
@@ -144,6 +146,12 @@ vessels256)
   for fold in ${FOLDS:-1 0 2 3 4}; do
     train sa_unet_vessels256/fold_$fold --recipe nerveseg --labels 1,2 --label-names nerve,vessel --folds 5 --fold $fold
     evaluate sa_unet_vessels256/fold_$fold --backend torch --no-tta --keep-largest ''
+  done
+  ;;
+seed2)
+  for fold in ${FOLDS:-1}; do
+    train sa_unet_e2_seed2/fold_$fold --recipe nerveseg --train-seed 2 --folds 5 --fold $fold
+    evaluate sa_unet_e2_seed2/fold_$fold --backend torch --no-tta --keep-largest ''
   done
   ;;
 seeds)
