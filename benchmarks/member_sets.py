@@ -26,16 +26,11 @@ import numpy as np
 from scipy.stats import wilcoxon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from postprocess_cv import dice, fold_probabilities  # noqa: E402
+from postprocess_cv import dice, finished_folds, fold_probabilities  # noqa: E402
 
 from nerveseg.data.io import read_mask  # noqa: E402
 from nerveseg.data.samples import discover_samples  # noqa: E402
 from nerveseg.io_utils import atomic_write_json  # noqa: E402
-
-
-def finished_folds(run: Path) -> set[int]:
-    return {int(d.name.split("_")[1]) for d in run.glob("fold_*")
-            if (d / "model.safetensors").exists() and (d / "eval" / "metrics.json").exists()}
 
 
 def main() -> None:

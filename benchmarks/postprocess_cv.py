@@ -43,6 +43,12 @@ THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.30, 0.701, 0.05))
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 
+def finished_folds(run: Path) -> set[int]:
+    """The folds k whose ``run/fold_k`` has its weights and its held-out evaluation."""
+    return {int(d.name.split("_")[1]) for d in run.glob("fold_*")
+            if (d / "model.safetensors").exists() and (d / "eval" / "metrics.json").exists()}
+
+
 def fold_probabilities(fold_run: Path, samples_by_stem: dict) -> dict[str, np.ndarray]:
     """{stem: (H, W) float16 nerve probability} on the fold run's validation images, cached."""
     cache = fold_run / "val_probs.npz"
@@ -113,9 +119,7 @@ def main() -> None:
                          "(e.g. 0.025, the issue's target); default: best Dice alone")
     args = ap.parse_args()
 
-    finished = [{int(d.name.split("_")[1]) for d in run.glob("fold_*") if (d / "model.safetensors").exists()
-                 and (d / "eval" / "metrics.json").exists()} for run in args.runs]
-    folds = sorted(set.intersection(*finished))
+    folds = sorted(set.intersection(*[finished_folds(run) for run in args.runs]))
     if not folds:
         sys.exit("no fold has finished in every run (fold_k/model.safetensors and fold_k/eval/metrics.json)")
     samples, _ = discover_samples(args.data)

@@ -28,7 +28,7 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from postprocess_cv import dice, fold_probabilities  # noqa: E402
+from postprocess_cv import dice, finished_folds, fold_probabilities  # noqa: E402
 
 from nerveseg.data.io import read_mask  # noqa: E402
 from nerveseg.data.samples import discover_samples  # noqa: E402
@@ -65,9 +65,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    finished = [{int(d.name.split("_")[1]) for d in run.glob("fold_*") if (d / "model.safetensors").exists()
-                 and (d / "eval" / "metrics.json").exists()} for run in args.runs]
-    folds = sorted(set.intersection(*finished))
+    folds = sorted(set.intersection(*[finished_folds(run) for run in args.runs]))
     if not folds:
         sys.exit("no fold has finished in every run (fold_k/model.safetensors and fold_k/eval/metrics.json)")
     samples, _ = discover_samples(args.data)
