@@ -16,6 +16,7 @@
 #                                                           FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh seed2 [DATA] [OUT]    a third shipped-recipe model (--train-seed 2), fold 1 by
 #                                                           default: does a third seed add to the pair?
+#   bash benchmarks/accuracy_study.sh size128 [DATA] [OUT] the shipped recipe at 128 px: a cheaper screening base?
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 #   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
@@ -146,6 +147,14 @@ vessels256)
   for fold in ${FOLDS:-1 0 2 3 4}; do
     train sa_unet_vessels256/fold_$fold --recipe nerveseg --labels 1,2 --label-names nerve,vessel --folds 5 --fold $fold
     evaluate sa_unet_vessels256/fold_$fold --backend torch --no-tta --keep-largest ''
+  done
+  ;;
+size128)
+  # is 128 px a fair proxy of the shipped 256-px recipe? At 4x less CPU per epoch it would let the
+  # remaining levers (weight decay, weight averaging, width) be screened on more folds
+  for fold in ${FOLDS:-1 0 2 3 4}; do
+    train sa_unet_s128/fold_$fold --recipe nerveseg --size 128 --folds 5 --fold $fold
+    evaluate sa_unet_s128/fold_$fold --backend torch --no-tta --keep-largest ''
   done
   ;;
 seed2)

@@ -41,7 +41,7 @@ NEW_FIELDS_OFF = {
     "data": {"labels": None, "label_names": None},
     "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None, "seed": None,
               "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False,  # issue 13
-              "compile": None},
+              "compile": None, "optimizer": "adam", "ema_decay": None},
 }
 
 
@@ -562,3 +562,11 @@ def test_low_confidence_cut_comes_from_the_model_unless_given(tmp_path):
     assert "low_confidence" not in row(max(confidence - 0.01, 0.0), name="below")["qc_flags"]
     # the user's cut wins over the model's
     assert "low_confidence" not in row(1.0, SegmentOptions(low_confidence=0.0), name="user")["qc_flags"]
+
+
+def test_regularisation_flags_reach_the_config():
+    config = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O", "--weight-decay", "1e-4",
+                          "--optimizer", "adamw", "--ema", "0.99"])
+    assert (config.train.weight_decay, config.train.optimizer, config.train.ema_decay) == (1e-4, "adamw", 0.99)
+    plain = _cli_config(["--recipe", "nerveseg", "--data", "D", "--out", "O"])
+    assert (plain.train.weight_decay, plain.train.optimizer, plain.train.ema_decay) == (0.0, "adam", None)

@@ -204,3 +204,93 @@ def test_training_without_validation_keeps_the_last_epoch(tmp_path, ellipse_data
     best = load_file(str(tmp_path / "run" / "model.safetensors"))
     for key, value in best.items():
         torch.testing.assert_close(value, last[f"model.{key}"])
+
+
+# ------------------------------------------------------------------------------------------------
+# regularisation levers: decoupled weight decay, a moving average of the weights
+
+
+def test_weight_average_is_the_hand_computed_exponential_average():
+    from nerveseg.training.trainer import weight_average
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    average = weight_average(net, 0.75)
+    values = []
+    for k in range(4):
+        with torch.no_grad():
+            net[0].weight.fill_(float(k + 1))
+        net(torch.randn(2, 1, 3, 3) * (k + 1))  # moves the BatchNorm statistics too
+        values.append((float(k + 1), float(net[1].running_var)))
+        average.update_parameters(net)
+    expected_w = expected_v = None
+    for w, v in values:  # the first update copies, each later one blends 1/4 in
+        expected_w = w if expected_w is None else 0.75 * expected_w + 0.25 * w
+        expected_v = v if expected_v is None else 0.75 * expected_v + 0.25 * v
+    assert float(average.module[0].weight) == pytest.approx(expected_w)  # 2.59375 by hand
+    assert expected_w == pytest.approx(0.75 * (0.75 * (0.75 * 1 + 0.25 * 2) + 0.25 * 3) + 0.25 * 4)
+    assert float(average.module[1].running_var) == pytest.approx(expected_v, rel=1e-5)
+    assert float(net[0].weight) == 4.0  # the trained model itself is untouched
+
+
+def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 8)
+
+    def config(epochs):
+        cfg = _config(data, epochs)
+        cfg.train.ema_decay, cfg.train.optimizer, cfg.train.weight_decay, cfg.train.checkpoint = 0.9, "adamw", 0.01, "last"
+        return cfg
+
+    train(config(3), tmp_path / "straight", progress=False)
+    train(config(1), tmp_path / "resumed", progress=False)
+    train(config(3), tmp_path / "resumed", resume=True, progress=False)
+    a = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert a.keys() == b.keys() and any(k.startswith("ema.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+    # the kept model is the average, not the last step's weights
+    kept = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    for name, value in kept.items():
+        torch.testing.assert_close(value, a[f"ema.module.{name}"], msg=name)
+    moved = [n for n in kept if kept[n].is_floating_point() and not torch.allclose(kept[n], a[f"model.{n}"])]
+    assert moved, "the average equals the last weights: it was not kept"
+    saved = json.loads((tmp_path / "straight" / "config.json").read_text())["train"]
+    assert (saved["ema_decay"], saved["optimizer"], saved["weight_decay"]) == (0.9, "adamw", 0.01)
+
+
+def test_resuming_an_ema_run_needs_its_average(tmp_path):
+    from conftest import write_ellipse_dataset
+
+    from nerveseg.errors import InputError
+
+    data = write_ellipse_dataset(tmp_path / "data", 8)
+    train(_config(data, epochs=1), tmp_path / "run", progress=False)
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    config["train"]["ema_decay"] = 0.9  # a run whose state was written without one
+    (tmp_path / "run" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(InputError, match="weight average"):
+        train(_config(data, epochs=2), tmp_path / "run", resume=True, progress=False)
+
+
+def test_adamw_decays_weights_apart_from_the_gradient():
+    # with a zero gradient, Adam's L2 term is rescaled to a step of ~lr, AdamW's is lr * wd * w
+    def step(optimizer_name):
+        w = torch.nn.Parameter(torch.tensor([2.0]))
+        cls = torch.optim.AdamW if optimizer_name == "adamw" else torch.optim.Adam
+        opt = cls([w], lr=0.1, weight_decay=0.5)
+        w.grad = torch.zeros(1)
+        opt.step()
+        return float(w)
+
+    assert step("adamw") == pytest.approx(2.0 - 0.1 * 0.5 * 2.0)  # 1.9
+    assert step("adam") == pytest.approx(2.0 - 0.1, rel=1e-4)  # sign(grad + wd * w) * lr
+
+
+def test_regularisation_config_is_validated():
+    for bad in (dict(optimizer="sgd"), dict(ema_decay=1.0), dict(ema_decay=0), dict(ema_decay=True),
+                dict(weight_decay=-1e-4), dict(weight_decay=float("inf"))):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
+    assert TrainConfig().optimizer == "adam" and TrainConfig().ema_decay is None

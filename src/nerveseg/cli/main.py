@@ -100,7 +100,8 @@ def _train_config(args: argparse.Namespace):
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
                    device=args.device, loss=args.loss, deep_supervision=args.deep_supervision,
                    checkpoint=args.checkpoint, init_from=args.init_from, seed=args.train_seed, data_cache=args.data_cache,
-                   loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn, compile=args.compile),
+                   loader_workers=args.loader_workers, sync_batchnorm=args.sync_bn, compile=args.compile,
+                   weight_decay=args.weight_decay, optimizer=args.optimizer, ema_decay=args.ema),
         inference=dict(tta=args.tta),
     )
 
@@ -401,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="learning rate (default: the recipe's; 5e-5 with --init-from, the fine-tuning curve's best)")
     p.add_argument("--schedule", choices=("constant", "cosine", "poly"), default=None)
     p.add_argument("--warmup-epochs", type=int, default=None)
+    p.add_argument("--weight-decay", type=float, default=None, help="weight decay (default: the recipe's, 0)")
+    p.add_argument("--optimizer", choices=("adam", "adamw"), default=None,
+                   help="adam (the paper's; weight decay added to the gradient) or adamw (decoupled weight decay)")
+    p.add_argument("--ema", type=float, default=None, metavar="DECAY",
+                   help="keep an exponential moving average of the weights (decay per step, e.g. 0.99) and "
+                        "validate and save it instead of the last step's weights")
     p.add_argument("--augment", default=None,
                    help="comma list: shear,scale,hflip,vflip,gamma,contrast,speckle,rotate,elastic,brightness,noise,blur,lowres")
     p.add_argument("--loss", choices=("dice", "dice_ce"), default=None, help="dice (the paper's) or dice_ce (Dice + cross-entropy)")

@@ -60,13 +60,17 @@ def check_state(path: Path, own: dict[str, torch.Tensor], state: dict[str, torch
 
 
 def save_training_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, state: dict[str, Any]
+    model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path, state: dict[str, Any],
+    averaged: nn.Module | None = None,
 ) -> None:
-    """Write model, Adam moments and the loop state (JSON in the header) as one atomic file.
+    """Write model, Adam moments, the weight average (``train.ema_decay``) if any and the loop state
+    (JSON in the header) as one atomic file.
 
     One file, so a crash can never leave weights and loop state from different epochs.
     """
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if averaged is not None:
+        tensors.update({f"ema.{k}": v.detach().contiguous().cpu() for k, v in averaged.state_dict().items()})
     opt = optimizer.state_dict()
     for index, param_state in opt["state"].items():
         for key, value in param_state.items():
@@ -76,8 +80,9 @@ def save_training_state(
         save_file(tensors, str(tmp), metadata={"state": header})
 
 
-def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path) -> dict[str, Any]:
-    """Restore what ``save_training_state`` wrote; returns the loop state."""
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path: str | Path,
+                        averaged: nn.Module | None = None) -> dict[str, Any]:
+    """Restore what ``save_training_state`` wrote (the weight average into ``averaged``); returns the loop state."""
     path = Path(path)
     fix = "delete it to start the run again, or restore it from a backup"
     try:
@@ -90,6 +95,13 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, path
         raise InputError(path, f"not a readable training state ({type(exc).__name__}: {exc})", fix) from None
     check_state(path, model.state_dict(), {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
     model.load_state_dict({k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")})
+    if averaged is not None:
+        saved = {k[len("ema.") :]: v for k, v in tensors.items() if k.startswith("ema.")}
+        if not saved:
+            raise InputError(path, "the run keeps a weight average (train.ema_decay) but this state has none",
+                             "resume with the config it was written with, or " + fix)
+        check_state(path, averaged.state_dict(), saved)
+        averaged.load_state_dict(saved)
     per_param: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         if name.startswith("optim."):

@@ -272,11 +272,13 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     # the compiled module shares the parameters: validation and checkpoints use ``model`` itself
     step_model = torch.compile(model, mode=cfg.compile, dynamic=False) if cfg.compile else model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer_class = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    averaged = weight_average(unwrap(model), cfg.ema_decay) if cfg.ema_decay else None
     history = _read_history(out / "history.csv")
     start_epoch, best_dice, best_epoch = 0, -1.0, -1
     if resume and last_path.exists():
-        state = load_training_state(unwrap(model), optimizer, last_path)
+        state = load_training_state(unwrap(model), optimizer, last_path, averaged)
         start_epoch, best_dice, best_epoch = state["epoch"] + 1, state["best_val_dice"], state["best_epoch"]
         log(f"resuming {out} at epoch {start_epoch + 1}/{cfg.epochs} (best val Dice {best_dice:.4f})")
     # rows past the saved state are redone: a kill between the history write and the state write, or
@@ -342,19 +344,23 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if averaged is not None:
+                averaged.update_parameters(unwrap(model))
             bar.update(1)
             bar.set_postfix(loss=f"{np.mean(losses):.4f}", val_dice=f"{max(best_dice, 0):.4f}")
         epoch_loss = ctx.mean(float(np.mean(losses)) if losses else float("nan"))
         if ctx.is_main:
             net = unwrap(model)
-            val_dice = validation_dice(net, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
+            # with a weight average, the average is the model: validated, kept and shipped
+            kept = averaged.module if averaged is not None else net
+            val_dice = validation_dice(kept, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
             improved = len(val_set) > 0 and val_dice > best_dice
             if improved:
                 best_dice, best_epoch = val_dice, epoch
             elif len(val_set) == 0:
                 best_epoch = epoch
             if improved or len(val_set) == 0 or cfg.checkpoint == "last":
-                save_weights(net, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
+                save_weights(kept, out / "model.safetensors", metadata={"epoch": str(epoch), "val_dice": f"{val_dice:.6f}"})
             history.append(
                 {
                     "epoch": epoch + 1,
@@ -366,13 +372,23 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             )
             _write_history(out / "history.csv", history)
             save_training_state(
-                net, optimizer, last_path, {"epoch": epoch, "best_val_dice": best_dice, "best_epoch": best_epoch}
+                net, optimizer, last_path, {"epoch": epoch, "best_val_dice": best_dice, "best_epoch": best_epoch},
+                averaged=averaged,
             )
             bar.set_postfix(loss=f"{epoch_loss:.4f}", val_dice=f"{val_dice:.4f}")
         ctx.barrier()  # the others wait for rank 0's checkpoint: a kill now leaves a complete epoch
     bar.close()
     best_dice, best_epoch = ctx.broadcast((best_dice, best_epoch))
     return TrainResult(out, best_dice, best_epoch + 1, cfg.epochs - start_epoch, time.perf_counter() - t0)
+
+
+def weight_average(model: torch.nn.Module, decay: float) -> torch.nn.Module:
+    """An exponential moving average of ``model``'s weights and BatchNorm statistics
+    (torch.optim.swa_utils; the first update copies the weights): after each step,
+    average <- decay * average + (1 - decay) * weights."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def fold_run_name(fold: int) -> str:
