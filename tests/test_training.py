@@ -215,21 +215,36 @@ def test_weight_average_is_the_hand_computed_exponential_average():
 
     net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
     average = weight_average(net, 0.75)
-    values = []
     for k in range(4):
         with torch.no_grad():
             net[0].weight.fill_(float(k + 1))
-        net(torch.randn(2, 1, 3, 3) * (k + 1))  # moves the BatchNorm statistics too
-        values.append((float(k + 1), float(net[1].running_var)))
+        net(torch.randn(2, 1, 3, 3) * (k + 1))  # moves the trained model's BatchNorm statistics
         average.update_parameters(net)
-    expected_w = expected_v = None
-    for w, v in values:  # the first update copies, each later one blends 1/4 in
-        expected_w = w if expected_w is None else 0.75 * expected_w + 0.25 * w
-        expected_v = v if expected_v is None else 0.75 * expected_v + 0.25 * v
-    assert float(average.module[0].weight) == pytest.approx(expected_w)  # 2.59375 by hand
-    assert expected_w == pytest.approx(0.75 * (0.75 * (0.75 * 1 + 0.25 * 2) + 0.25 * 3) + 0.25 * 4)
-    assert float(average.module[1].running_var) == pytest.approx(expected_v, rel=1e-5)
+    # the first update copies, each later one blends 1/4 in: 0.75 (0.75 (0.75 * 1 + 0.25 * 2) + 0.25 * 3) + 0.25 * 4
+    assert float(average.module[0].weight) == pytest.approx(2.265625)
     assert float(net[0].weight) == 4.0  # the trained model itself is untouched
+    # statistics are not averaged (they would not fit the averaged weights): recompute_batchnorm sets them
+    assert float(average.module[1].running_var) == 1.0 and float(net[1].running_var) != 1.0
+
+
+def test_recompute_batchnorm_measures_the_statistics_of_the_data():
+    from nerveseg.data.cache import TensorSet
+    from nerveseg.training.trainer import recompute_batchnorm
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1, momentum=0.3))
+    with torch.no_grad():
+        net[0].weight.fill_(3.0)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.rand(5, 1, 6, 6, generator=gen)
+    stats = torch.stack([images.flatten(1).mean(1), images.flatten(1).std(1)], 1)
+    data = TensorSet([str(i) for i in range(5)], images, torch.zeros_like(images), stats)
+    net.eval()
+    recompute_batchnorm(net, data, torch.device("cpu"), amp=False, channels_last=False, batch_size=8)
+    standardized = 3.0 * (images - stats[:, 0, None, None, None]) / stats[:, 1, None, None, None]
+    # one batch holds all five images: the running statistics are that batch's, whatever the momentum
+    assert float(net[1].running_mean) == pytest.approx(float(standardized.mean()), abs=1e-5)
+    assert float(net[1].running_var) == pytest.approx(float(standardized.var(unbiased=True)), rel=1e-4)
+    assert net[1].momentum == 0.3 and not net.training  # left as found
 
 
 def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
@@ -255,6 +270,7 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
     for name, value in kept.items():
         torch.testing.assert_close(value, a[f"ema.module.{name}"], msg=name)
     moved = [n for n in kept if kept[n].is_floating_point() and not torch.allclose(kept[n], a[f"model.{n}"])]
+    assert any("running_var" in n for n in moved)  # re-measured for the average's weights
     assert moved, "the average equals the last weights: it was not kept"
     saved = json.loads((tmp_path / "straight" / "config.json").read_text())["train"]
     assert (saved["ema_decay"], saved["optimizer"], saved["weight_decay"]) == (0.9, "adamw", 0.01)

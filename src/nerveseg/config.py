@@ -157,8 +157,9 @@ class TrainConfig:
     # "adamw" decays the weights apart from the gradient (Loshchilov & Hutter), where "adam" adds
     # weight_decay * w to the gradient, which Adam's scaling then undoes for rarely-updated weights
     optimizer: str = "adam"
-    # exponential moving average of the weights and BatchNorm statistics, decay per step; the average,
-    # not the last step's weights, is validated and saved as model.safetensors. None = off
+    # exponential moving average of the weights, decay per step, with BatchNorm statistics re-measured
+    # for it on the training images each epoch; the average, not the last step's weights, is validated
+    # and saved as model.safetensors. None = off
     ema_decay: float | None = None
 
     def __post_init__(self) -> None:

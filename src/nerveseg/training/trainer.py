@@ -353,6 +353,8 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
             net = unwrap(model)
             # with a weight average, the average is the model: validated, kept and shipped
             kept = averaged.module if averaged is not None else net
+            if averaged is not None:
+                recompute_batchnorm(kept, train_set, device, cfg.amp, cfg.channels_last)
             val_dice = validation_dice(kept, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
             improved = len(val_set) > 0 and val_dice > best_dice
             if improved:
@@ -383,12 +385,41 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
 
 
 def weight_average(model: torch.nn.Module, decay: float) -> torch.nn.Module:
-    """An exponential moving average of ``model``'s weights and BatchNorm statistics
-    (torch.optim.swa_utils; the first update copies the weights): after each step,
-    average <- decay * average + (1 - decay) * weights."""
+    """An exponential moving average of ``model``'s weights (torch.optim.swa_utils; the first
+    update copies them): after each step, average <- decay * average + (1 - decay) * weights.
+
+    Only the parameters are averaged. Averaged BatchNorm statistics do not fit averaged weights:
+    at Adam's 5e-4 the weights move far within a 500-step horizon, their average has smaller
+    activations than any of them, and on usgra-seg the network with averaged statistics output
+    a constant. ``recompute_batchnorm`` measures the average's own statistics instead, as SWA does."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, data: TensorSet | DiskTensorSet, device, amp: bool,
+                        channels_last: bool, batch_size: int = 8) -> None:
+    """Set every BatchNorm layer's running statistics to their mean over ``data`` (un-augmented
+    training images) under ``model``'s own weights (torch.optim.swa_utils.update_bn, on our batches)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches
+    was_training = model.training
+    model.train()
+    for images, _, stats in _batches(data, batch_size):
+        x = _standardized(images.to(device), stats.to(device))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(device, amp):
+            model(x)
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
 
 
 def fold_run_name(fold: int) -> str:
