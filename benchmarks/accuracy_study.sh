@@ -18,6 +18,7 @@
 #                                                           default: does a third seed add to the pair?
 #   bash benchmarks/accuracy_study.sh size128 [DATA] [OUT] the shipped recipe at 128 px: a cheaper screening base?
 #   bash benchmarks/accuracy_study.sh reg128 [DATA] [OUT]  regularisers at 128 px (ARMS="ema wd half"), folds 1 0
+#   bash benchmarks/accuracy_study.sh ema256 [DATA] [OUT]  the shipped recipe + --ema 0.998; FOLDS="1 0" screens
 #   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
 #   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
 # Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
@@ -162,18 +163,28 @@ reg128)
   # the shipped recipe over-fits (0.81 on its training images, 0.59 held out on fold 1): regularisers,
   # screened at 128 px against size128 (ARMS picks some): a moving average of the weights (horizon
   # ~500 steps, 12 of 60 epochs: under the poly decay the last few epochs barely move the weights),
-  # decoupled weight decay, a network of half the width (122,957 parameters against 455,603)
+  # decoupled weight decay, a network of half the width (122,957 parameters against 455,603); and, as
+  # half the width cost 0.04 on fold 1, one of 1.5x the width
   for fold in ${FOLDS:-1 0}; do
     for arm in ${ARMS:-ema wd half}; do
       case $arm in
         ema) extra=(--ema 0.998) ;;
         wd) extra=(--optimizer adamw --weight-decay 0.05) ;;
         half) extra=(--model-kwargs '{"features": [16, 32, 64, 128, 256]}') ;;
+        wide) extra=(--model-kwargs '{"features": [48, 96, 192, 384, 768]}') ;;
         *) echo "unknown arm $arm" >&2; exit 2 ;;
       esac
       train sa_unet_s128_$arm/fold_$fold --recipe nerveseg --size 128 --folds 5 --fold $fold "${extra[@]}"
       evaluate sa_unet_s128_$arm/fold_$fold --backend torch --no-tta --keep-largest ''
     done
+  done
+  ;;
+ema256)
+  # the moving average of the weights (reg128's only arm ahead of its base on fold 1) on the shipped
+  # 256-px recipe; FOLDS="1 0" screens, against sa_unet_e2_dice_ce_poly's fold models
+  for fold in ${FOLDS:-1 0 2 3 4}; do
+    train sa_unet_ema256/fold_$fold --recipe nerveseg --ema 0.998 --folds 5 --fold $fold
+    evaluate sa_unet_ema256/fold_$fold --backend torch --no-tta --keep-largest ''
   done
   ;;
 seed2)
