@@ -59,6 +59,15 @@ evaluate() {  # name [extra evaluate args]; scores the run on its held-out fold 
   ) 9>"$OUT/.locks/${name//\//_}.eval"
 }
 
+fold_arm() {  # name, default folds, then train arguments: each fold of $FOLDS (default: the list given)
+  # trained with --folds 5 --fold k and scored on its held-out fold as the shipped recipe is scored
+  local name=$1 folds=$2 fold; shift 2
+  for fold in ${FOLDS:-$folds}; do
+    train "$name/fold_$fold" "$@" --folds 5 --fold "$fold"
+    evaluate "$name/fold_$fold" --backend torch --no-tta --keep-largest ''
+  done
+}
+
 # the paper's recipe at 128 px (128 matched 256 at 30 epochs, issue 2), last epoch kept: the
 # held-out fold never chooses a checkpoint
 BASE=(--recipe paper --label 1 --size 128 --epochs 30 --checkpoint last --folds 5)
@@ -128,36 +137,24 @@ long256)
   # 0.81 and its held-out ones 0.59, with the validation Dice still rising at epoch 60. So: 100 epochs,
   # and spatial + intensity augmentation (scale, rotation, elastic, brightness, noise) on top of the
   # recipe's own, to spend the longer schedule on variation rather than memorisation
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_long256/fold_$fold --recipe nerveseg --epochs 100 \
-      --augment shear,scale,rotate,elastic,hflip,gamma,contrast,brightness,noise --folds 5 --fold $fold
-    evaluate sa_unet_long256/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_long256 "1 0 2 3 4" --recipe nerveseg --epochs 100 \
+    --augment shear,scale,rotate,elastic,hflip,gamma,contrast,brightness,noise
   ;;
 size320)
   # the smallest quarter of nerves (under 4,800 px at original size, about 1,100 px at the 256-px input)
   # scores 0.54 against 0.69-0.73 for the larger half: a larger input, everything else the shipped recipe
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_s320/fold_$fold --recipe nerveseg --size 320 --folds 5 --fold $fold
-    evaluate sa_unet_s320/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_s320 "1 0 2 3 4" --recipe nerveseg --size 320
   ;;
 vessels256)
   # the issue's hypothesis: the vessels (mask value 2) are the landmark that tells the nerve from the
   # round hypoechoic structure beside the artery. Screened so far only at 128 px and 30 epochs, so here
   # on the shipped base: the shipped recipe with nerve + vessel outputs (one sigmoid each), nerve scored
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_vessels256/fold_$fold --recipe nerveseg --labels 1,2 --label-names nerve,vessel --folds 5 --fold $fold
-    evaluate sa_unet_vessels256/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_vessels256 "1 0 2 3 4" --recipe nerveseg --labels 1,2 --label-names nerve,vessel
   ;;
 size128)
   # is 128 px a fair proxy of the shipped 256-px recipe? At 4x less CPU per epoch it would let the
   # remaining levers (weight decay, weight averaging, width) be screened on more folds
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_s128/fold_$fold --recipe nerveseg --size 128 --folds 5 --fold $fold
-    evaluate sa_unet_s128/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_s128 "1 0 2 3 4" --recipe nerveseg --size 128
   ;;
 reg128)
   # the shipped recipe over-fits (0.81 on its training images, 0.59 held out on fold 1): regularisers,
@@ -165,42 +162,30 @@ reg128)
   # ~500 steps, 12 of 60 epochs: under the poly decay the last few epochs barely move the weights),
   # decoupled weight decay, a network of half the width (122,957 parameters against 455,603); and, as
   # half the width cost 0.04 on fold 1, one of 1.5x the width
-  for fold in ${FOLDS:-1 0}; do
-    for arm in ${ARMS:-ema wd half}; do
-      case $arm in
-        ema) extra=(--ema 0.998) ;;
-        wd) extra=(--optimizer adamw --weight-decay 0.05) ;;
-        half) extra=(--model-kwargs '{"features": [16, 32, 64, 128, 256]}') ;;
-        wide) extra=(--model-kwargs '{"features": [48, 96, 192, 384, 768]}') ;;
-        *) echo "unknown arm $arm" >&2; exit 2 ;;
-      esac
-      train sa_unet_s128_$arm/fold_$fold --recipe nerveseg --size 128 --folds 5 --fold $fold "${extra[@]}"
-      evaluate sa_unet_s128_$arm/fold_$fold --backend torch --no-tta --keep-largest ''
-    done
+  for arm in ${ARMS:-ema wd half wide}; do
+    case $arm in
+      ema) extra=(--ema 0.998) ;;
+      wd) extra=(--optimizer adamw --weight-decay 0.05) ;;
+      half) extra=(--model-kwargs '{"features": [16, 32, 64, 128, 256]}') ;;
+      wide) extra=(--model-kwargs '{"features": [48, 96, 192, 384, 768]}') ;;
+      *) echo "unknown arm $arm" >&2; exit 2 ;;
+    esac
+    fold_arm "sa_unet_s128_$arm" "1 0" --recipe nerveseg --size 128 "${extra[@]}"
   done
   ;;
 ema256)
   # the moving average of the weights (reg128's only arm ahead of its base on fold 1) on the shipped
   # 256-px recipe; FOLDS="1 0" screens, against sa_unet_e2_dice_ce_poly's fold models
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_ema256/fold_$fold --recipe nerveseg --ema 0.998 --folds 5 --fold $fold
-    evaluate sa_unet_ema256/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_ema256 "1 0 2 3 4" --recipe nerveseg --ema 0.998
   ;;
 seed2)
-  for fold in ${FOLDS:-1}; do
-    train sa_unet_e2_seed2/fold_$fold --recipe nerveseg --train-seed 2 --folds 5 --fold $fold
-    evaluate sa_unet_e2_seed2/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_e2_seed2 "1" --recipe nerveseg --train-seed 2
   ;;
 seeds)
   # two SA-UNets of one fold, averaged, scored on the fold neither saw: the cheapest ensemble to ship
   # (a second 25-min training, 2x the 19 ms latency). On fold 1 the shipped recipe + the long256 model
   # gained +0.022 (p = 0.003), so: does a plain second seed do the same?
-  for fold in ${FOLDS:-1 0 2 3 4}; do
-    train sa_unet_e2_seed1/fold_$fold --recipe nerveseg --train-seed 1 --folds 5 --fold $fold
-    evaluate sa_unet_e2_seed1/fold_$fold --backend torch --no-tta --keep-largest ''
-  done
+  fold_arm sa_unet_e2_seed1 "1 0 2 3 4" --recipe nerveseg --train-seed 1
   python benchmarks/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/sa_unet_e2_seed1" \
     --data "$DATA" --out "$OUT/pair_e2_seed1"
   ;;
