@@ -189,3 +189,60 @@ def test_member_sets_refuses_an_unfinished_fold(tmp_path, monkeypatch):
                                      "--set", str(tmp_path / "a"), "--folds", "3"])
     with pytest.raises(SystemExit, match="not finished"):
         member_sets.main()
+
+
+# ------------------------------------------------------------------------------------------------
+# accuracy_study.sh: what a phase asks nerveseg to do, with a stand-in nerveseg on PATH
+
+FAKE_NERVESEG = """#!/usr/bin/env bash
+echo "$*" >> "$CALLS"
+out=
+while [ $# -gt 0 ]; do [ "$1" = --out ] && out=$2; shift; done
+if [ "$CALL_FAILS" = 1 ]; then exit 1; fi
+mkdir -p "$out" && echo '{}' > "$out/metrics.json"
+"""
+
+
+def _study(tmp_path, *args, **env):
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nerveseg").write_text(FAKE_NERVESEG)
+    (bin_dir / "nerveseg").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env}
+    result = subprocess.run(["bash", str(BENCHMARKS / "accuracy_study.sh"), *args, "DATA", str(tmp_path / "out")],
+                            env=full_env, capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines()
+
+
+def test_study_phase_trains_and_scores_each_fold_once(tmp_path):
+    result, calls = _study(tmp_path, "ema256", FOLDS="1 0")
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "out"
+    assert len(calls) == 4
+    train1, eval1, train0, eval0 = calls
+    assert train1.startswith("train --data DATA --seed 0 --quiet") and f"--out {out}/sa_unet_ema256/fold_1" in train1
+    assert "--recipe nerveseg --ema 0.998 --folds 5 --fold 1" in train1
+    assert eval1.startswith(f"evaluate --model {out}/sa_unet_ema256/fold_1 --data DATA --subset val")
+    assert eval1.endswith("--backend torch --no-tta --keep-largest ")
+    assert "--fold 0" in train0 and "fold_0" in eval0
+    assert (out / "sa_unet_ema256" / "fold_1" / ".trained").is_file()
+    # finished runs and evaluations are skipped
+    again, calls = _study(tmp_path, "ema256", FOLDS="1 0")
+    assert again.returncode == 0 and calls == []
+
+
+def test_study_phase_leaves_a_failed_run_unfinished(tmp_path):
+    result, calls = _study(tmp_path, "ema256", FOLDS="1", CALL_FAILS="1")
+    assert result.returncode != 0 and len(calls) == 1  # stops at the failed training
+    assert not (tmp_path / "out" / "sa_unet_ema256" / "fold_1" / ".trained").exists()
+
+
+def test_study_arms_are_checked(tmp_path):
+    result, calls = _study(tmp_path, "reg128", ARMS="wide mixup", FOLDS="1")
+    assert result.returncode == 2 and "unknown arm mixup" in result.stderr
+    assert len(calls) == 2 and "features" in calls[0] and "--size 128" in calls[0]  # wide ran first
