@@ -388,7 +388,8 @@ def weight_average(model: torch.nn.Module, decay: float) -> torch.nn.Module:
     """An exponential moving average of ``model``'s weights (torch.optim.swa_utils; the first
     update copies them): after each step, average <- decay * average + (1 - decay) * weights.
 
-    Only the parameters are averaged. Averaged BatchNorm statistics do not fit averaged weights:
+    Only the parameters are averaged; each update copies the BatchNorm statistics of ``model``.
+    Averaged statistics do not fit averaged weights:
     at Adam's 5e-4 the weights move far within a 500-step horizon, their average has smaller
     activations than any of them, and on usgra-seg the network with averaged statistics output
     a constant. ``recompute_batchnorm`` measures the average's own statistics instead, as SWA does."""
