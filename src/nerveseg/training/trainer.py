@@ -351,9 +351,9 @@ def train(config: RunConfig, out_dir: str | Path, resume: bool = False, progress
         epoch_loss = ctx.mean(float(np.mean(losses)) if losses else float("nan"))
         if ctx.is_main:
             net = unwrap(model)
-            # with a weight average, the average is the model: validated, kept and shipped
-            kept = averaged.module if averaged is not None else net
-            if averaged is not None:
+            kept = net
+            if averaged is not None:  # the average is the model: validated, kept and shipped
+                kept = averaged.module
                 recompute_batchnorm(kept, train_set, device, cfg.amp, cfg.channels_last)
             val_dice = validation_dice(kept, val_set, device, cfg.amp, cfg.channels_last) if len(val_set) else float("nan")
             improved = len(val_set) > 0 and val_dice > best_dice
@@ -389,10 +389,10 @@ def weight_average(model: torch.nn.Module, decay: float) -> torch.nn.Module:
     update copies them): after each step, average <- decay * average + (1 - decay) * weights.
 
     Only the parameters are averaged; each update copies the BatchNorm statistics of ``model``.
-    Averaged statistics do not fit averaged weights:
-    at Adam's 5e-4 the weights move far within a 500-step horizon, their average has smaller
-    activations than any of them, and on usgra-seg the network with averaged statistics output
-    a constant. ``recompute_batchnorm`` measures the average's own statistics instead, as SWA does."""
+    Averaged statistics do not fit averaged weights: at Adam's 5e-4 the weights move far within a
+    500-step horizon, their average has smaller activations than any of them, and on usgra-seg the
+    network with averaged statistics output a constant. ``recompute_batchnorm`` measures the
+    average's own statistics instead, as SWA does."""
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
