@@ -31,6 +31,12 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def has_pretrained_encoder(name: str) -> bool:
+    """Whether architecture ``name`` can start from pretrained encoder weights (``load_pretrained_encoder``)."""
+    factory = _REGISTRY.get(name)
+    return factory is not None and callable(getattr(factory, "load_pretrained_encoder", None))
+
+
 def create(name: str, **kwargs) -> nn.Module:
     """Build the architecture registered as ``name`` with constructor ``kwargs``."""
     try:
