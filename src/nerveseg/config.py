@@ -24,6 +24,7 @@ LOSSES = ("dice", "dice_ce")
 CHECKPOINTS = ("best", "last")
 OPTIMIZERS = ("adam", "adamw")
 DATA_CACHES = ("memory", "disk")
+ENCODER_WEIGHTS = (None, "imagenet")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 MAX_MODEL_PARAMETERS = 100_000_000
@@ -37,12 +38,19 @@ class ModelConfig:
 
     arch: str = "sa_unet"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    # where a from-scratch training run takes its encoder's first weights: None = random init,
+    # "imagenet" = the architecture's ImageNet weights (``load_pretrained_encoder``; only networks
+    # with a pretrained encoder have them). Read once when training starts: the run's safetensors
+    # hold everything after that, so inference never needs the weights' package
+    encoder_weights: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.arch, str) or not self.arch:
             raise ConfigError(f"model.arch must be an architecture name, got {self.arch!r}")
         if not isinstance(self.kwargs, dict) or not all(isinstance(k, str) for k in self.kwargs):
             raise ConfigError(f"model.kwargs must be an object of constructor arguments, got {self.kwargs!r}")
+        if self.encoder_weights not in ENCODER_WEIGHTS:
+            raise ConfigError(f"model.encoder_weights must be one of {list(ENCODER_WEIGHTS)}, got {self.encoder_weights!r}")
 
 
 @dataclass
@@ -66,7 +74,10 @@ class PreprocessConfig:
 class DataConfig:
     """Which data and which part of it is used for training and validation."""
 
-    data_dir: str = ""
+    # one data folder, or several trained on together (a list in config.json): folds and splits
+    # are then made within each folder (grouped by subject) and joined, so every fold holds its
+    # share of each folder, and evaluation reports each folder as well as all of them
+    data_dir: str | tuple[str, ...] = ""
     label: int | str | None = None  # pixel value, or a LabelMe shape name
     seed: int = 0
     val_fraction: float | None = 0.2
@@ -79,6 +90,15 @@ class DataConfig:
     label_names: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.data_dir, (list, tuple)):
+            dirs = tuple(self.data_dir)
+            if not dirs or not all(isinstance(d, str) and d for d in dirs):
+                raise ConfigError(f"data_dir must be a folder or a list of folders, got {list(dirs)!r}")
+            if len(set(dirs)) != len(dirs):
+                raise ConfigError(f"data_dir lists a folder twice: {list(dirs)}")
+            self.data_dir = dirs[0] if len(dirs) == 1 else dirs
+        elif not isinstance(self.data_dir, str):
+            raise ConfigError(f"data_dir must be a folder or a list of folders, got {self.data_dir!r}")
         if self.labels is not None:
             self.labels = tuple(self.labels)
             if not self.labels or len(set(self.labels)) != len(self.labels):
@@ -105,6 +125,11 @@ class DataConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction} (0: train on everything)")
         if self.max_train_images is not None and self.max_train_images < 1:
             raise ConfigError("max_train_images must be >= 1")
+
+    @property
+    def data_dirs(self) -> tuple[str, ...]:
+        """Every data folder of the run, in the order given (one for most runs)."""
+        return self.data_dir if isinstance(self.data_dir, tuple) else (self.data_dir,)
 
     @property
     def class_labels(self) -> tuple[int | str | None, ...]:
@@ -235,6 +260,8 @@ class RunConfig:
         d = asdict(self)
         d["train"]["augment"] = list(self.train.augment)
         d["inference"]["keep_largest"] = list(self.inference.keep_largest)
+        if isinstance(self.data.data_dir, tuple):
+            d["data"]["data_dir"] = list(self.data.data_dir)
         for key in ("labels", "label_names"):
             if d["data"][key] is not None:
                 d["data"][key] = list(d["data"][key])

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -35,9 +35,11 @@ __all__ = [
     "MANIFEST_NAME",
     "SPLIT_VALUES",
     "Sample",
+    "discover_datasets",
     "discover_samples",
     "fold_assignment",
     "read_manifest",
+    "source_names",
     "split_samples",
 ]
 
@@ -79,6 +81,8 @@ class Sample:
     side: str = ""
     split: str = ""
     frame: int | None = None
+    # the data folder's name when a run trains on several (``discover_datasets``); "" for one
+    source: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,6 +297,55 @@ def discover_samples(data_dir: str | Path, require_masks: bool = True) -> tuple[
     return samples, problems
 
 
+def source_names(data_dirs: Sequence[str | Path]) -> list[str]:
+    """A short, distinct name for each data folder: its own name, made unique with its parent's
+    (``a/data``, ``b/data``) or, failing that, its position."""
+    paths = [Path(d) for d in data_dirs]
+    names = [p.name or str(p) for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{p.parent.name}/{p.name}" for p in paths]
+    if len(set(names)) < len(names):
+        names = [f"{i}:{p.name}" for i, p in enumerate(paths)]
+    return names
+
+
+def discover_datasets(data_dirs: str | Path | Sequence[str | Path],
+                      require_masks: bool = True) -> tuple[list[Sample], list[InputError]]:
+    """:func:`discover_samples` over one folder or several trained on together.
+
+    With several folders each sample's ``source`` is its folder's name (:func:`source_names`) and
+    its subject is prefixed with it, so that patient "P1" of one data set is not patient "P1" of
+    another; splits and folds are then made within each source (:func:`fold_assignment`). One
+    folder gives exactly :func:`discover_samples`' samples (``source`` ""), so single-folder
+    runs keep their splits.
+
+    Raises
+    ------
+    InputError
+        A folder missing (as :func:`discover_samples`), or two folders giving the same sample
+        name (which image a mask, an overlay or a split entry means would be ambiguous).
+    """
+    if isinstance(data_dirs, (str, Path)):
+        return discover_samples(data_dirs, require_masks)
+    dirs = list(data_dirs)
+    if len(dirs) == 1:
+        return discover_samples(dirs[0], require_masks)
+    samples: list[Sample] = []
+    problems: list[InputError] = []
+    owner: dict[str, str] = {}
+    for name, folder in zip(source_names(dirs), dirs):
+        found, found_problems = discover_samples(folder, require_masks)
+        problems += found_problems
+        for sample in found:
+            if sample.stem in owner:
+                raise InputError(sample.image_path, f"gives the sample name '{sample.stem}', as an image of "
+                                 f"{owner[sample.stem]} does", "rename one of them: sample names must be unique across --data folders")
+            owner[sample.stem] = name
+            samples.append(replace(sample, source=name, subject=f"{name}/{sample.subject}"))
+    samples.sort(key=lambda s: s.stem)
+    return samples, problems
+
+
 def _frame_samples(stem: str, image: Path, mask_file: Path | None, folder: Path | None,
                    require_masks: bool, problems: list[InputError]) -> list[tuple[str, Path | None, int | None]]:
     """(sample stem, mask, frame) of each labelled frame of a cine loop in ``masks/<stem>/``."""
@@ -385,11 +438,26 @@ def fold_assignment(samples: Sequence[Sample], folds: int, seed: int = 0) -> dic
     ConfigError
         ``folds < 2`` or fewer subjects than folds.
     """
-    groups = _permuted_groups(_held_in(samples), seed)
+    held_in = _held_in(samples)
+    sources = sorted({s.source for s in held_in})
+    if len(sources) > 1:
+        # several data folders: each is dealt into the folds on its own, so every fold holds its
+        # share of every folder (and a folder's folds are those it would get alone)
+        _check_folds(folds, None)
+        assignment = {}
+        for source in sources:
+            members = [s for s in held_in if s.source == source]
+            n_subjects = len({s.subject for s in members})
+            if n_subjects < folds:
+                raise ConfigError(f"{folds} folds need at least {folds} subjects in every data folder, but "
+                                  f"{source} has {n_subjects}; use fewer folds or add data")
+            assignment.update(fold_assignment(members, folds, seed))
+        return assignment
+    groups = _permuted_groups(held_in, seed)
     _check_folds(folds, len(groups))
     groups.sort(key=lambda g: len(g[1]), reverse=True)  # sort is stable
     counts = [0] * int(folds)
-    assignment: dict[str, int] = {}
+    assignment = {}
     for _subject, members in groups:
         target = counts.index(min(counts))  # index() gives the lowest index among ties
         counts[target] += len(members)
@@ -447,6 +515,14 @@ def split_samples(
         val = [s for s in held_in if assignment[s.stem] == fold]
         return train, val
 
+    sources = sorted({s.source for s in held_in})
+    if len(sources) > 1:  # several data folders: each split on its own, in the same proportion
+        train, val = [], []
+        for source in sources:
+            part_train, part_val = split_samples([s for s in held_in if s.source == source], seed, val_fraction)
+            train += part_train
+            val += part_val
+        return sorted(train, key=lambda s: s.stem), sorted(val, key=lambda s: s.stem)
     groups = _permuted_groups(held_in, seed)
     if len(groups) < 2:
         raise ConfigError(
