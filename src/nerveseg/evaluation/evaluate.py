@@ -12,18 +12,22 @@ from tqdm.auto import tqdm
 
 from ..data.io import read_mask
 from ..data.media import read_frame
-from ..data.samples import discover_samples
+from ..data.samples import discover_datasets, discover_samples
 from ..errors import ConfigError, InputError
 from ..inference.overlay import make_overlay, save_png
 from ..inference.onnx_backend import load_predictor
 from ..inference.predictor import Predictor
 from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
+from .agreement import area_agreement, save_bland_altman_plot
 from .metrics import RocAccumulator, image_metrics, summarize
 
 PER_IMAGE_FIELDS = (
     "stem", "precision", "recall", "dice", "iou", "hd", "hd95", "hd_mm", "hd95_mm", "auc",
     "zero_overlap", "area_pred_px", "area_truth_px",
 )
+# evaluate_run's per_image.csv adds these: the areas in mm² where the image is calibrated, and the
+# data folder of each image when several were evaluated together
+RUN_EXTRA_FIELDS = ("area_pred_mm2", "area_truth_mm2", "source")
 SUMMARY_KEYS = ("precision", "recall", "dice", "iou", "hd", "hd95", "hd_mm", "hd95_mm", "auc")
 SUBSETS = ("all", "val", "train", "unseen", "cv")
 
@@ -117,10 +121,15 @@ def evaluate_samples(
             problems.append(exc)
             continue
         probs = predictor.predict_classes(image) if hasattr(predictor, "predict_classes") else predictor.predict(image)[None]
+        pixel = _spacing(spacing, file_spacing)
         for name, prob, truth in zip(names, probs, truths):
             rocs[name].update(prob, truth)
-            rows[name].append({"stem": sample.stem, **image_metrics(prob, truth, threshold=threshold,
-                                                                    spacing=_spacing(spacing, file_spacing))})
+            row = {"stem": sample.stem, "source": sample.source,
+                   **image_metrics(prob, truth, threshold=threshold, spacing=pixel)}
+            if pixel is not None:  # areas in mm² only where the pixel size is known
+                row["area_pred_mm2"] = row["area_pred_px"] * pixel[0] * pixel[1]
+                row["area_truth_mm2"] = row["area_truth_px"] * pixel[0] * pixel[1]
+            rows[name].append(row)
         if overlays:
             save_png(make_overlay(image, probs[0] >= threshold, truths[0]), out / "overlays" / f"{sample.stem}.png")
     return rows, rocs, problems
@@ -152,9 +161,20 @@ def load_roc_histograms(path: Path) -> RocAccumulator:
     return roc
 
 
+def agreement_summary(rows: list[dict]) -> dict:
+    """Area agreement of prediction and expert over ``rows``: in px always, in mm² over the
+    images whose pixel size is known (``evaluation.agreement``)."""
+    out = {"px": area_agreement([r["area_pred_px"] for r in rows], [r["area_truth_px"] for r in rows], unit="px")}
+    calibrated = [r for r in rows if r.get("area_truth_mm2") is not None]
+    if calibrated:
+        out["mm2"] = area_agreement([r["area_pred_mm2"] for r in calibrated],
+                                    [r["area_truth_mm2"] for r in calibrated], unit="mm2")
+    return out
+
+
 def evaluate_run(
     run_dir: str | Path,
-    data_dir: str | Path,
+    data_dir: str | Path | Sequence[str | Path],
     out_dir: str | Path,
     label=None,
     subset: str = "all",
@@ -186,8 +206,10 @@ def evaluate_run(
         label = predictor.config.data.label
     if threshold is None:  # the cut chosen with the model (config.json inference.threshold)
         threshold = predictor.config.inference.threshold
-    samples, problems = discover_samples(data_dir)
+    data_dirs = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
+    samples, problems = discover_datasets(data_dirs)
     samples = select_subset(samples, predictor, subset)
+    data_dir = ", ".join(str(d) for d in data_dirs)
     if not samples:
         raise InputError(data_dir, f"no image/mask pairs to evaluate (subset {subset!r})", "check --data and --subset")
     out = Path(out_dir)
@@ -214,11 +236,21 @@ def evaluate_run(
     nerve = names[0]
     if not rows[nerve]:
         raise InputError(data_dir, "none of the pairs could be read", "see the warnings above")
-    write_per_image(out / "per_image.csv", rows[nerve])
+    write_per_image(out / "per_image.csv", rows[nerve], fields=PER_IMAGE_FIELDS + RUN_EXTRA_FIELDS)
     save_roc_histograms(rocs[nerve], out / "roc.npz")
 
     summary = summarize(rows[nerve], keys=SUMMARY_KEYS)
     summary["pooled_auc"] = rocs[nerve].auc()
+    summary["area_agreement"] = agreement_summary(rows[nerve])
+    sources = sorted({r["source"] for r in rows[nerve]})
+    if len(sources) > 1:  # several data folders: each one's figures as well as the pooled ones
+        summary["by_source"] = {}
+        for source in sources:
+            part = [r for r in rows[nerve] if r["source"] == source]
+            summary["by_source"][source] = {**summarize(part, keys=SUMMARY_KEYS), "area_agreement": agreement_summary(part)}
+    save_bland_altman_plot({source or "all": ([r["area_pred_px"] for r in rows[nerve] if r["source"] == source],
+                                              [r["area_truth_px"] for r in rows[nerve] if r["source"] == source])
+                            for source in sources}, out / "bland_altman.png")
     summary.update(
         {
             "threshold": threshold,
