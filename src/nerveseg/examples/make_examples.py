@@ -47,7 +47,8 @@ def write_png(array: np.ndarray, path: Path) -> None:
     Image.fromarray(array).save(path, format="PNG", optimize=True)
 
 
-def write_dicom(pixels: np.ndarray, path: Path) -> None:
+def write_dicom(pixels: np.ndarray, path: Path, frame: str = DICOM_FRAME, source: str = "usgra-seg",
+                attribution: str = "usgra-seg dataset, T. M. K., CC-BY 4.0", mm_per_pixel: float = DEMO_MM_PER_PIXEL) -> None:
     """Single-frame US Image Storage, MONOCHROME2 8-bit, one calibrated 2-D tissue region."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.sequence import Sequence
@@ -57,18 +58,20 @@ def write_dicom(pixels: np.ndarray, path: Path) -> None:
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian  # zlib: a third of the size, read by pydicom itself
     meta.MediaStorageSOPClassUID = UltrasoundImageStorage
     # Fixed UIDs derived from the content, so regenerating gives the same file.
-    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["nerveseg example", DICOM_FRAME])
+    # (the usgra-seg file keeps the UIDs it was first made with)
+    key = [DICOM_FRAME] if source == "usgra-seg" else [source, frame]
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=["nerveseg example", *key])
     ds = Dataset()
     ds.file_meta = meta
     ds.SOPClassUID = UltrasoundImageStorage
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = generate_uid(entropy_srcs=["nerveseg example study"])
-    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["nerveseg example series"])
+    ds.StudyInstanceUID = generate_uid(entropy_srcs=["nerveseg example study", *key[:-1]])
+    ds.SeriesInstanceUID = generate_uid(entropy_srcs=["nerveseg example series", *key[:-1]])
     ds.Modality = "US"
-    ds.PatientName = "Example^usgra-seg"
-    ds.PatientID = "usgra-seg-" + DICOM_FRAME
-    ds.ImageComments = (f"usgra-seg dataset, T. M. K., CC-BY 4.0, frame {DICOM_FRAME}. DEMONSTRATION "
-                        f"calibration {DEMO_MM_PER_PIXEL} mm/pixel: not the real pixel size.")
+    ds.PatientName = f"Example^{source}"
+    ds.PatientID = f"{source}-{frame}"
+    ds.ImageComments = (f"{attribution}, frame {frame}. DEMONSTRATION "
+                        f"calibration {mm_per_pixel} mm/pixel: not the real pixel size.")
     ds.Rows, ds.Columns = pixels.shape
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
@@ -82,10 +85,19 @@ def write_dicom(pixels: np.ndarray, path: Path) -> None:
     region.RegionLocationMinX0, region.RegionLocationMinY0 = 0, 0
     region.RegionLocationMaxX1, region.RegionLocationMaxY1 = pixels.shape[1] - 1, pixels.shape[0] - 1
     region.PhysicalUnitsXDirection = region.PhysicalUnitsYDirection = 3  # cm
-    region.PhysicalDeltaX = region.PhysicalDeltaY = DEMO_MM_PER_PIXEL / 10.0
+    region.PhysicalDeltaX = region.PhysicalDeltaY = mm_per_pixel / 10.0
     ds.SequenceOfUltrasoundRegions = Sequence([region])
     ds.PixelData = np.ascontiguousarray(pixels).tobytes()
     ds.save_as(path, enforce_file_format=True)
+
+
+# mn-wrist (the median nerve at the carpal tunnel inlet): one frame of each of two patients, one as a
+# DICOM with a demonstration calibration (the data set gives no pixel size; 0.065 mm/pixel is a
+# plausible value for a 3 cm deep wrist scan over 468 rows, not the real one)
+WRIST_ATTRIBUTION = "mn-wrist images from the DL-UNet project (SasageyoOrg/dl-unet), GPL-3.0"
+WRIST_FRAMES = ("Pz010-001",)  # Pz002-001 is shipped as the DICOM
+WRIST_DICOM_FRAME = "Pz002-001"
+WRIST_MM_PER_PIXEL = 0.065
 
 
 def write_cine(pixels: np.ndarray, path: Path) -> None:
@@ -111,6 +123,8 @@ def write_cine(pixels: np.ndarray, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="the usgra-seg folder (images/NNNN.png)")
+    parser.add_argument("--wrist-data", default=None, help="the mn-wrist folder (images/PzNNN-MMM.png); "
+                        "default: mn-wrist beside --data")
     parser.add_argument("--out", default=str(HERE), help="where to write (default: this package folder)")
     args = parser.parse_args(argv)
     data, out = Path(args.data), Path(args.out)
@@ -118,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
         write_png(grey_u8(data / "images" / f"{stem}.png"), out / f"usgra_{stem}.png")
     write_dicom(grey_u8(data / "images" / f"{DICOM_FRAME}.png"), out / f"usgra_{DICOM_FRAME}_calibrated.dcm")
     write_cine(grey_u8(data / "images" / f"{CINE_FRAME}.png"), out / f"usgra_{CINE_FRAME}_cine.mp4")
+    wrist = Path(args.wrist_data) if args.wrist_data else data.parent / "mn-wrist"
+    for stem in WRIST_FRAMES:
+        write_png(grey_u8(wrist / "images" / f"{stem}.png"), out / f"wrist_{stem}.png")
+    write_dicom(grey_u8(wrist / "images" / f"{WRIST_DICOM_FRAME}.png"), out / f"wrist_{WRIST_DICOM_FRAME}_calibrated.dcm",
+                frame=WRIST_DICOM_FRAME, source="mn-wrist", attribution=WRIST_ATTRIBUTION, mm_per_pixel=WRIST_MM_PER_PIXEL)
     for p in sorted(out.iterdir()):
         if p.suffix in (".png", ".dcm", ".mp4"):
             print(f"{p.name}: {p.stat().st_size / 1024:.0f} KB")
