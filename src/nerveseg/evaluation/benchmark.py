@@ -42,7 +42,7 @@ from .evaluate import (
     write_per_image,
 )
 from .metrics import RocAccumulator
-from .statistics import mean_sd, paired_wilcoxon, run_level_summary
+from .statistics import holm_adjust, mean_sd, paired_wilcoxon, run_level_summary
 
 RESULT_FIELDS = ("arch", "seed", "fold", "device", "region") + PER_IMAGE_FIELDS
 
@@ -264,16 +264,18 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
             "## SA-UNet against each baseline: paired Wilcoxon signed-rank test on per-image DSC",
             "",
             "Pairs: the same image in the same seed and fold. Positive median difference = SA-UNet better.",
+            "Holm: the p-values adjusted for the number of baselines compared (Holm 1979), so that",
+            "the chance of any false 'SA-UNet differs' over the whole table stays at the level read.",
             "",
-            "| baseline | pairs | median DSC difference (SA-UNet - baseline) | p-value (two-sided) |",
-            "| --- | ---: | ---: | ---: |",
+            "| baseline | pairs | median DSC difference (SA-UNet - baseline) | p-value (two-sided) | p (Holm) |",
+            "| --- | ---: | ---: | ---: | ---: |",
         ]
-        for arch in archs:
-            if arch == "sa_unet":
-                continue
-            w = paired_wilcoxon(rows, "sa_unet", arch)
+        baselines = [arch for arch in archs if arch != "sa_unet"]
+        tests = [paired_wilcoxon(rows, "sa_unet", arch) for arch in baselines]
+        for arch, w, holm in zip(baselines, tests, holm_adjust([w["p_value"] for w in tests])):
             p = "n/a" if math.isnan(w["p_value"]) else f"{w['p_value']:.3g}"
-            lines.append(f"| {arch} | {w['n']} | {w['median_difference']:+.4f} | {p} |")
+            ph = "n/a" if math.isnan(holm) else f"{holm:.3g}"
+            lines.append(f"| {arch} | {w['n']} | {w['median_difference']:+.4f} | {p} | {ph} |")
     for key in ("device", "region"):
         groups = sorted({r[key] for r in rows if r[key]})
         if not groups:

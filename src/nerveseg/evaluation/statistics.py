@@ -60,3 +60,22 @@ def paired_wilcoxon(
     else:
         result["p_value"] = float(stats.wilcoxon(a, b, zero_method="wilcox", alternative="two-sided").pvalue)
     return result
+
+
+def holm_adjust(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment (Holm 1979) of a family of p-values, in the input order.
+
+    Sort ascending, multiply the i-th smallest (0-based) by (m - i), take the running maximum so
+    the adjusted values keep the raw order, cap at 1. NaN p-values (tests that could not run) stay
+    NaN and do not count in m. Reject at level alpha where the adjusted p <= alpha: the
+    family-wise error rate of the m comparisons is then at most alpha.
+    """
+    p = [float(v) for v in p_values]
+    finite = [i for i, v in enumerate(p) if not math.isnan(v)]
+    m = len(finite)
+    adjusted = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(sorted(finite, key=lambda i: p[i])):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        adjusted[i] = running
+    return adjusted
