@@ -60,6 +60,17 @@ MAX_DICOM_PIXELS: int = 250_000_000
 """Largest number of pixels (frames * rows * columns) :func:`read_dicom` decodes: 1 GB as
 float32. Each frame must also stay under :data:`nerveseg.data.io.MAX_IMAGE_PIXELS`."""
 
+MAX_DICOM_DECODE_BYTES: int = 1_000_000_000
+"""Largest memory :func:`read_dicom` may need for the pixels: the stored array (frames x rows x
+columns x samples x bytes allocated), its float copy (4 or 8 bytes a sample) and the grey frames
+(4 bytes a pixel). A small compressed file can declare a huge image; this bounds what it costs
+before anything is decoded."""
+
+MAX_DICOM_INFLATED_BYTES: int = 600_000_000
+"""Largest data set a Deflated Explicit VR Little Endian file may inflate to. pydicom inflates
+the whole data set in memory before parsing it, so a 300 KB file of zeros could cost gigabytes;
+the size is measured by streaming the inflation first, in bounded chunks."""
+
 
 # ------------------------------------------------------------------------------------------------
 # One reader
@@ -226,11 +237,50 @@ def _check_file(path: Path) -> None:
         raise InputError(path, "is empty (zero-size file)", "copy the file again; it was not written completely")
 
 
+def _deflated_size_within(path: Path, limit: int) -> bool:
+    """For a Deflated transfer syntax file: whether its data set inflates to at most ``limit``
+    bytes (True for any other file). Streams the inflation in 1 MB steps, holding at most that."""
+    import zlib
+
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        with open(path, "rb") as f:
+            if read_preamble(f, force=True) is None:
+                return True  # no preamble, no file meta: not a Deflated file
+            meta = _read_file_meta_info(f)
+            if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+                return True
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            total = 0
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return True
+                data = inflater.decompress(chunk, 1 << 20)
+                total += len(data)
+                while inflater.unconsumed_tail:  # inflate what is left of this chunk, 1 MB at a time
+                    data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
+                    total += len(data)
+                    if total > limit:
+                        return False
+                if total > limit:
+                    return False
+    except zlib.error:
+        return True  # pydicom reports the corrupt stream itself
+    except Exception:  # a damaged file meta: pydicom's own reading reports it
+        return True
+
+
 def _dcmread(path: Path, stop_before_pixels: bool) -> Any:
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     _check_file(path)
+    if not _deflated_size_within(path, MAX_DICOM_INFLATED_BYTES):
+        raise InputError(path, f"is a deflated DICOM whose data set inflates to more than {MAX_DICOM_INFLATED_BYTES:,} bytes",
+                         "export the image uncompressed or with fewer frames")
     try:
         try:
             return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
@@ -246,10 +296,15 @@ def _dcmread(path: Path, stop_before_pixels: bool) -> Any:
     except InputError:
         raise
     except MemoryError:
-        raise
+        raise _out_of_memory(path) from None
     except Exception as e:  # truncated or corrupt: EOFError, struct.error, ValueError, ...
         raise InputError(path, f"is a corrupt or truncated DICOM file ({type(e).__name__}: {e})",
                          "copy or export the file again") from e
+
+
+def _out_of_memory(path: Path) -> InputError:
+    return InputError(path, "needs more memory to read than this machine has free",
+                      "export the image with fewer frames or a smaller size")
 
 
 def read_dicom_header(path: str | Path) -> Any:
@@ -362,13 +417,16 @@ def _decode(path: Path, ds: Any, index: int | None = None) -> tuple[np.ndarray, 
         raise _decoder_missing(path, tsyntax, list(decoder.missing_dependencies))
     try:
         try:
-            arr, props = decoder.as_array(ds, index=index)
+            # allow_excess_frames=False: pixel data holding more frames than the header declares is
+            # cut to the declared ones (pydicom keeps the excess by default, which the limits above
+            # would not have counted)
+            arr, props = decoder.as_array(ds, index=index, allow_excess_frames=False)
         except MemoryError:
             raise
         except Exception:
             if tsyntax not in (JPEGBaseline8Bit, JPEGExtended12Bit) or not _repair_sequential_sos(ds):
                 raise
-            arr, props = decoder.as_array(ds, index=index)
+            arr, props = decoder.as_array(ds, index=index, allow_excess_frames=False)
     except MemoryError:
         raise
     except Exception as e:
@@ -488,8 +546,8 @@ def _read_dicom(path: Path, index: int | None = None, single: bool = False) -> t
         return _read_dataset(path, ds, index, single)
     except InputError:
         raise
-    except MemoryError:
-        raise
+    except MemoryError:  # a batch reports the file and goes on; the server answers 422, not 500
+        raise _out_of_memory(path) from None
     except Exception as e:  # pydicom parses elements lazily: a damaged element fails where it is used
         raise InputError(path, f"is a corrupt DICOM file (a header element cannot be read: {type(e).__name__}: {e})",
                          "copy or export the file again") from e
@@ -518,6 +576,15 @@ def _read_dataset(path: Path, ds: Any, index: int | None, single: bool) -> tuple
         raise InputError(path, f"{n_declared} frames of {rows}x{cols} are too many pixels to load "
                                f"({rows * cols * n_declared:,}; the limit is {MAX_DICOM_PIXELS:,})",
                          "export fewer frames (e.g. split the cine loop)")
+    samples_declared = max(1, int(ds.get("SamplesPerPixel", 1) or 1))
+    bytes_allocated = max(1, -(-int(ds.get("BitsAllocated", 8) or 8) // 8))
+    n_decoded = 1 if index is not None else n_declared
+    needed = rows * cols * n_decoded * (samples_declared * (bytes_allocated + (8 if bytes_allocated > 3 else 4)) + 4)
+    if needed > MAX_DICOM_DECODE_BYTES:
+        raise InputError(path, f"{n_decoded} frame(s) of {rows}x{cols} with {samples_declared} sample(s) of "
+                               f"{8 * bytes_allocated} bits would need about {needed / 1e9:.1f} GB to decode "
+                               f"(the limit is {MAX_DICOM_DECODE_BYTES / 1e9:.1f} GB)",
+                         "export fewer frames, a smaller image, or grey 8-bit pixels")
     if single and n_declared > 1:
         raise _needs_frame_masks(path, n_declared)
     if index is not None and not 0 <= index < n_declared:
