@@ -277,3 +277,34 @@ def test_cts_tags_and_report(page):
     assert "volunteer-1" in text and "1.00" in text and "Hobson-Webb" in text and "Decision support only" in text
     page.locator("#ft-info").scroll_into_view_if_needed()
     shot(page, "5_cts")
+
+
+def test_badges_and_order_survive_a_reload(page, server):
+    """After a reload the list is rebuilt from GET /api/cases (counts, not frames): the "edited"
+    and "saved" badges stay, and so does the order of the cases."""
+    upload(page, "usgra_0053_calibrated.dcm")  # two cases at least, so that an order can change
+    upload(page, "usgra_0067.png")
+    case_id = page.get_attribute("#case-list li.selected", "data-id")
+    page.click("[data-tool=brush]")
+    page.locator("#brush-size").fill("20")
+    x0, y0 = to_screen(page, 40, 40)
+    x1, y1 = to_screen(page, 90, 40)
+    page.mouse.move(x0, y0)
+    page.mouse.down()
+    page.mouse.move(x1, y1, steps=8)
+    page.mouse.up()
+    settled(page)
+    page.click("#save")
+    wait_js(page, "document.getElementById('save-status').textContent.startsWith('Saved')")
+    badges = f'#case-list li[data-id="{case_id}"] .badges'
+    assert "edited" in page.text_content(badges) and "saved" in page.text_content(badges)
+    ids = "[...document.querySelectorAll('#case-list li')].map((li) => li.dataset.id)"
+    order = page.evaluate(f"() => {ids}")
+    page.click(f'#case-list li[data-id="{order[0]}"]')  # opening a case must not move it either
+
+    page.reload()
+    wait_js(page, "document.getElementById('model-summary').textContent.includes('sa_unet')")
+    wait_js(page, f"document.querySelectorAll('#case-list li').length === {len(order)}")
+    assert page.evaluate(f"() => {ids}") == order
+    text = page.text_content(badges)
+    assert "edited" in text and "saved" in text, text

@@ -25,9 +25,9 @@ def run_demo(out_dir: str | Path, model_dir: str | Path | None = None, backend: 
     """Segment every example file into ``out_dir`` (masks, overlays, measurements.csv, the cine
     loop's overlay video and CSA plot), exactly as ``nerveseg segment`` would."""
     from .inference.onnx_backend import load_predictor
-    from .pretrained import pretrained_dir
+    from .pretrained import resolve_model
 
-    model_dir = Path(model_dir) if model_dir else pretrained_dir()
+    model_dir = resolve_model(model_dir)
     inputs = example_files(examples_dir())
     predictor = load_predictor(model_dir, backend=backend)
     result = segment_files(inputs, predictor, out_dir, SegmentOptions(), log=log)

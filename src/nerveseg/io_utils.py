@@ -94,10 +94,52 @@ def atomic_write_with(path: str | Path, writer: Callable[[Path], None]) -> None:
         writer(tmp)
 
 
-def atomic_write_csv(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> None:
-    """Write ``rows`` under the header ``fields`` (keys outside ``fields`` are ignored)."""
+# OWASP, "CSV Injection": a cell that starts with one of these is run as a formula by Excel,
+# LibreOffice and Google Sheets (=HYPERLINK(...), +cmd|..., @SUM(...)); tab and carriage return
+# too, since spreadsheets strip them before looking.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?|[+-]?(?:inf|infinity|nan)", re.I)
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` as it is safe to write into a CSV cell that a spreadsheet may open.
+
+    Text that starts like a formula (``= + - @``, tab, carriage return) gets a leading single
+    quote, which spreadsheets show as text and do not evaluate (OWASP's advice). Numbers and
+    numeric text (``-1.5``, ``+2e-3``, ``-inf``) are kept: they are data, not formulas. Text that
+    already starts with a quote is kept as it is, so writing a table read back from disk
+    (``--resume``, a rewritten manifest) never adds a second quote. See :func:`csv_value`."""
+    if not isinstance(value, str) or not value.startswith(_FORMULA_START) or _NUMBER.fullmatch(value):
+        return value
+    return "'" + value
+
+
+def csv_value(text: str) -> str:
+    """The value a cell written by :func:`csv_cell` stood for: the quote it added is removed.
+
+    For readers that match cells against names (file names, subjects) rather than show them."""
+    if isinstance(text, str) and text.startswith("'") and text[1:].startswith(_FORMULA_START) \
+            and not _NUMBER.fullmatch(text[1:]):
+        return text[1:]
+    return text
+
+
+def csv_values(row: dict) -> dict:
+    """:func:`csv_value` of every cell of a ``csv.DictReader`` row."""
+    return {k: csv_value(v) for k, v in row.items()}
+
+
+def csv_text(rows: Iterable[dict], fields: Sequence[str]) -> str:
+    """CSV text of ``rows`` under the header ``fields`` (keys outside ``fields`` are ignored),
+    every cell through :func:`csv_cell`: the one writer of every CSV nerveseg makes."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
+    return buf.getvalue()
+
+
+def atomic_write_csv(path: str | Path, rows: Iterable[dict], fields: Sequence[str]) -> None:
+    """Write ``rows`` under the header ``fields`` (keys outside ``fields`` are ignored); text
+    that a spreadsheet would run as a formula is escaped (:func:`csv_cell`)."""
+    atomic_write_text(path, csv_text(rows, fields))

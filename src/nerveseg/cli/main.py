@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
+from .. import __version__
 from ..errors import ConfigError, NerveSegError
+from .parser import SuggestingParser
+
+RESUMABLE = ("train", "segment", "benchmark")
+"""Commands with --resume: Ctrl-C tells how to continue them."""
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):  # inf: a cut-off that never flags, a pixel size that overflows
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -69,7 +75,15 @@ def _train_config(args: argparse.Namespace):
     from ..training.recipes import FINE_TUNE_LR, build_run_config
     from ..training.trainer import resolve_init_from
 
-    model, preprocess = {"arch": args.arch, "kwargs": args.model_kwargs}, {"size": args.size}
+    from ..models import has_pretrained_encoder
+
+    arch = args.arch or build_run_config(args.recipe).model.arch
+    encoder_weights = args.encoder_weights
+    if encoder_weights is None:  # a pretrained-encoder network starts from its pretrained weights
+        encoder_weights = "imagenet" if has_pretrained_encoder(arch) else "none"
+    model = {"arch": args.arch, "kwargs": args.model_kwargs,
+             "encoder_weights": None if encoder_weights == "none" else encoder_weights}
+    preprocess = {"size": args.size}
     lr = args.lr
     if args.init_from:
         lr = FINE_TUNE_LR if lr is None else lr
@@ -80,7 +94,7 @@ def _train_config(args: argparse.Namespace):
         if args.arch and args.arch != source.model.arch:
             raise ConfigError(f"--init-from {args.init_from} is a {source.model.arch}; drop --arch {args.arch}")
         kwargs = {k: v for k, v in source.model.kwargs.items() if k not in ("out_channels", "deep_supervision")}
-        model = {"arch": source.model.arch, "kwargs": kwargs}
+        model = {"arch": source.model.arch, "kwargs": kwargs, "encoder_weights": source.model.encoder_weights}
         preprocess = {"size": args.size or source.preprocess.size}
         if args.labels is None and args.label is None:  # the classes too: the source's labels mean the same here
             if source.data.labels is not None:
@@ -92,7 +106,7 @@ def _train_config(args: argparse.Namespace):
         args.recipe,
         model=model,
         preprocess=preprocess,
-        data=dict(data_dir=str(Path(args.data).resolve()), label=args.label, labels=args.labels,
+        data=dict(data_dir=tuple(str(Path(d).resolve()) for d in args.data), label=args.label, labels=args.labels,
                   label_names=args.label_names, seed=args.seed, val_fraction=args.val_fraction, folds=args.folds,
                   fold=0 if args.all_folds and args.fold is None else args.fold, max_train_images=args.max_train_images),
         train=dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, schedule=args.schedule,
@@ -161,7 +175,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.predictions is None):
         raise ConfigError("give either --model RUN (predict and score) or --predictions DIR (score masks from another tool)")
     if args.predictions is not None:
-        summary = evaluate_prediction_folder(args.predictions, args.data, args.out, label=args.label,
+        if len(args.data) > 1:
+            raise ConfigError("--predictions scores one data folder at a time; give one --data")
+        summary = evaluate_prediction_folder(args.predictions, args.data[0], args.out, label=args.label,
                                              pred_label=args.pred_label, mm_per_pixel=args.mm_per_pixel)
         for key in ("precision", "recall", "dice", "hd", "hd95"):
             m = summary[key]
@@ -171,8 +187,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"({summary['images_without_prediction']} images had no prediction)")
         print(f"wrote {args.out}/metrics.json, per_image.csv")
         return 0
+    from ..pretrained import resolve_model
+
     summary = evaluate_run(
-        args.model, args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
+        resolve_model(args.model), args.data, args.out, label=args.label, subset=args.subset, threshold=args.threshold,
         mm_per_pixel=args.mm_per_pixel, overlays=not args.no_overlays, progress=not args.quiet, backend=args.backend,
         tta=args.tta, keep_largest=args.keep_largest,
     )
@@ -181,6 +199,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if m["mean"] is not None:
             print(f"{key:<10} {m['mean']:.4f} +/- {m['sd']:.4f}")
     print(f"zero-overlap rate {summary['zero_overlap_rate']:.4f} over {summary['n_images']} images; pooled AUC {summary['pooled_auc']:.4f}")
+    agreement = summary["area_agreement"]["px"]
+    if agreement["median_ape_percent"] is not None:
+        ba = agreement["bland_altman"]
+        print(f"nerve area vs expert: median abs. error {agreement['median_ape_percent']:.1f}%, "
+              f"Bland-Altman bias {ba['bias']:.0f} px (95% limits {ba['loa_low']:.0f} to {ba['loa_high']:.0f}), "
+              f"Lin's CCC {agreement['lins_ccc'] if agreement['lins_ccc'] is not None else float('nan'):.3f}")
+    for source, m in summary.get("by_source", {}).items():
+        ape = m["area_agreement"]["px"]["median_ape_percent"]
+        print(f"{source}: dice {m['dice']['mean']:.4f} +/- {m['dice']['sd']:.4f}, zero-overlap rate "
+              f"{m['zero_overlap_rate']:.4f} over {m['n_images']} images, median area error "
+              + (f"{ape:.1f}%" if ape is not None else "n/a"))
     for name, m in summary.get("classes", {}).items():
         if name != next(iter(summary["classes"])):
             print(f"{name}: dice {m['dice']['mean']:.4f} +/- {m['dice']['sd']:.4f}, zero-overlap rate "
@@ -202,7 +231,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..inference.calibration import spacing_from_user
     from ..inference.onnx_backend import load_predictor
     from ..inference.segment import SegmentOptions, parse_shard, plan_inputs
-    from ..pretrained import pretrained_dir
+    from ..pretrained import resolve_model
 
     if not args.inputs and args.list is None:
         raise ConfigError("give the inputs: files or folders, or --list FILE.csv")
@@ -219,7 +248,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    model_dir = args.model or pretrained_dir()
+    model_dir = resolve_model(args.model)
     predictor = load_predictor(model_dir, backend=args.backend, device=args.device, intra_op_num_threads=args.threads)
     options = SegmentOptions(
         threshold=args.threshold,
@@ -231,19 +260,56 @@ def cmd_segment(args: argparse.Namespace) -> int:
         labelme=args.labelme,
         temporal_smoothing=args.temporal_smoothing,
     )
+    dicom = None
+    if args.dicom_out:  # a DICOM SEG + SR next to each DICOM input's masks (docs/CLINICAL.md)
+        from ..clinical.dicom_out import DicomResultWriter, model_identity
+        from ..inference.segment import with_model_threshold
+
+        dicom = DicomResultWriter(args.out, model_identity(model_dir), getattr(predictor, "class_names", ["nerve"]),
+                                  threshold=with_model_threshold(options, predictor).threshold, log=log)
     result = segment_files(args.inputs, predictor, args.out, options, log=log, resume=args.resume,
-                           recursive=args.recursive, list_file=args.list, shard=shard)
+                           recursive=args.recursive, list_file=args.list, shard=shard, on_input=dicom)
     n_inputs = len({row["file"] for row in result.rows})
     resumed = f" ({len(result.skipped)} already complete, kept)" if result.skipped else ""
     job = f" (job {shard[0]}/{shard[1]}: {result.planned} input(s) of the whole)" if shard[1] > 1 else ""
     print(f"segmented {n_inputs} input(s){resumed}{job} with the model in {model_dir}: {len(result.rows)} measurement "
-          f"row(s), {len(result.problems)} problem(s); wrote {result.table}")
+          f"row(s), {len(result.problems)} problem(s); "
+          + (f"wrote {result.table}" if result.table else f"wrote nothing ({args.out} not created)"))
+    if dicom is not None:
+        print(dicom.summary())
     if shard[1] > 1:
         print(f"when every job has finished: nerveseg collect {args.out}")
     if result.problems:
         print(f"nerveseg segment: {len(result.problems)} input(s) not segmented (listed above as error:); "
               "exit status 1", file=sys.stderr)
-    return 1 if result.problems else 0
+    if dicom is not None and dicom.problems:
+        print(f"nerveseg segment: {len(dicom.problems)} DICOM input(s) without SEG/SR (listed above as error:); "
+              "exit status 1", file=sys.stderr)
+    return 1 if result.problems or (dicom is not None and dicom.problems) else 0
+
+
+def cmd_import_seg(args: argparse.Namespace) -> int:
+    from ..clinical.dicom_out import import_seg
+    from ..errors import InputError
+
+    if args.stem and len(args.segs) > 1:
+        raise ConfigError("--stem names one pair; give one SEG with it")
+    failed = 0
+    for seg in args.segs:
+        try:
+            pair = import_seg(seg, args.out, args.source, stem=args.stem)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        for warning in pair.warnings:
+            print(f"warning: {seg}: {warning}", file=sys.stderr)
+        masks = pair.masks[0] if len(pair.masks) == 1 else f"{len(pair.masks)} frame masks in {pair.masks[0].parent}"
+        print(f"{seg}: wrote {pair.image} and {masks} ({', '.join(f'{n} {c}' for n, c in pair.segments.items())})")
+    if failed:
+        print(f"nerveseg import-seg: {failed} SEG file(s) not imported (listed above as error:); exit status 1",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_collect(args: argparse.Namespace) -> int:
@@ -277,7 +343,8 @@ exit status:
   0  every input was segmented (or, with --resume, was already complete)
   1  all inputs were tried, and at least one could not be segmented: unreadable, missing,
      of an unknown type, or a folder inside an input folder (each is reported as "error: ...";
-     the others' results are written)
+     the others' results are written); with --dicom-out also a DICOM input whose SEG/SR could
+     not be made (e.g. it lacks its Study/Series/SOP Instance UID)
   2  nothing or not everything was tried: a bad option or model, or a result could not be
      written (full disk, read-only folder; the results finished before are intact, run again
      with --resume)
@@ -346,13 +413,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from ..config import ModelConfig, RunConfig
     from ..inference.onnx_backend import export_onnx, weights_sha256
     from ..models import create
-    from ..pretrained import pretrained_dir
+    from ..pretrained import resolve_model
     from ..training.checkpoint import load_weights
 
     if args.arch:  # untrained weights, for benchmarking
         config, model, digest = RunConfig(model=ModelConfig(args.arch)), create(args.arch), None
     else:
-        run = Path(args.model) if args.model else pretrained_dir()
+        run = resolve_model(args.model)
         config = RunConfig.load(run / "config.json")
         model = load_weights(create(config.model.arch, **config.model.kwargs), run / "model.safetensors")
         digest = weights_sha256(run / "model.safetensors")
@@ -363,7 +430,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
+    parser = SuggestingParser(prog="nerveseg", description="Segment and measure peripheral nerves in ultrasound.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="list architectures with parameters and GFLOPs at 512x512")
@@ -374,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_recipes)
 
     p = sub.add_parser("train", help="train a network (the paper's recipe by default; see `nerveseg recipes`)")
-    p.add_argument("--data", required=True, help="folder with images/ and masks/ (optional manifest.csv)")
+    p.add_argument("--data", required=True, action="append",
+                   help="folder with images/ and masks/ (optional manifest.csv); repeat to train on several "
+                        "together (folds are made within each folder, evaluation reports each)")
     p.add_argument("--recipe", default="paper", help="named recipe to start from: paper (default), nerveseg (the shipped model's), "
                         "nerveseg_128_vessels; `nerveseg recipes` prints them")
     p.add_argument("--label", type=_label, default=None,
@@ -383,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="several classes, nerve first: e.g. 1,2 (usgra-seg nerve, vessel); one output per class")
     p.add_argument("--label-names", type=_names, default=None, help="names of --labels, e.g. nerve,vessel")
     p.add_argument("--arch", default=None, help="architecture (see `nerveseg models`; default sa_unet)")
+    p.add_argument("--encoder-weights", choices=("imagenet", "none"), default=None,
+                   help="start a pretrained-encoder architecture (efficientnet_unet) from its ImageNet weights "
+                        "(its default; needs the 'pretrained' extra) or from a random init (none)")
     p.add_argument("--model-kwargs", type=_json_object, default=None,
                    help='architecture options as JSON, e.g. \'{"features": [16, 32, 64, 128, 256]}\'')
     p.add_argument("--epochs", type=int, default=None)
@@ -444,11 +517,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("evaluate", help="metrics of a trained run on a dataset at original resolution")
-    p.add_argument("--model", default=None, help="run folder written by `nerveseg train`")
+    p.add_argument("--model", default=None, help="run folder written by `nerveseg train`, or 'default' for the shipped model")
     p.add_argument("--predictions", default=None,
                    help="instead of --model: a folder of predicted masks <stem>.png from another tool (e.g. nnU-Net)")
     p.add_argument("--pred-label", type=int, default=1, help="with --predictions: the predicted masks' nerve value")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, action="append",
+                   help="folder with images/ and masks/; repeat for a model trained on several (figures per folder and pooled)")
     p.add_argument("--label", type=_label, default=None, help="default: the label the run was trained on")
     p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen", "cv"),
                    help="val: the run's validation images; unseen: all it did not train on; "
@@ -514,7 +588,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "mask/overlay file, or a loop's overlay video); the rest are segmented and measurements.csv "
                         "ends with every input's rows. Use the same inputs and options as the interrupted run "
                         "(and the same --shard: each job resumes its own table)")
+    p.add_argument("--dicom-out", action="store_true",
+                   help="also write, for each DICOM input, <stem>_seg.dcm (DICOM Segmentation, one segment per class "
+                        "found) and <stem>_sr.dcm (DICOM SR, TID 1500: CSA and perimeter in mm where calibrated, "
+                        "circularity, flattening, QC flags); non-DICOM inputs get a note (no study to attach to). "
+                        "See docs/CLINICAL.md")
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("import-seg", help="a DICOM SEG (e.g. corrected in 3D Slicer/OHIF) + its image -> a training pair",
+                       description="Write images/<stem>.png and masks/<stem>.png (0 background, 1 nerve, 2 vessel) "
+                                   "into a data folder from a DICOM SEG and its source image; a cine loop gives "
+                                   "images/<stem>.dcm and masks/<stem>/frame_NNNNN.png. Train with --labels 1,2 "
+                                   "--label-names nerve,vessel (or --label 1 for the nerve).")
+    p.add_argument("segs", nargs="+", metavar="SEG.dcm", help="DICOM Segmentation file(s)")
+    p.add_argument("--source", nargs="+", required=True, metavar="PATH",
+                   help="the source image(s) or folders holding them (found by the SOP Instance UID the SEG references)")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="data folder (images/, masks/ are made)")
+    p.add_argument("--stem", default=None, help="name of the pair (default: the source image's file name)")
+    p.set_defaults(func=cmd_import_seg)
 
     p = sub.add_parser("collect", help="join the measurements tables of `segment --shard` jobs into one measurements.csv",
                        description=COLLECT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -592,7 +683,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 2
         return code
     except KeyboardInterrupt:
-        print(f"nerveseg {args.command}: interrupted; finished files are kept (train: --resume continues)", file=sys.stderr)
+        # the commands that can continue say how; the others have nothing to continue
+        resume = f" ({args.command}: --resume continues)" if args.command in RESUMABLE else ""
+        print(f"nerveseg {args.command}: interrupted; finished files are kept{resume}", file=sys.stderr)
         code = 130
         return code
     finally:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import math
+import socket
 import sys
 from pathlib import Path
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -21,6 +24,31 @@ def _missing_web_dependencies() -> list[str]:
             if importlib.util.find_spec(module) is None]
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket of ``serve``, bound before the model loads and before "open http://..."
+    is printed: a port in use is then a one-line error naming the port and the fix (exit 2), not
+    the address of whatever else listens there followed by uvicorn's raw errno and exit 3. The
+    socket is handed to uvicorn, so nothing can take the port between the check and the start."""
+    from ..errors import ConfigError
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"port {port} on {host} is already in use (another nerveseg serve, or another program); "
+                              f"stop that server, or choose a free port: --port {port + 1 if port < 65535 else 8080}") from None
+        if exc.errno == errno.EACCES:
+            raise ConfigError(f"port {port} on {host} needs administrator rights (ports below 1024); "
+                              "choose a port of 1024 or more: --port 8000") from None
+        raise ConfigError(f"cannot listen on {host} port {port} ({exc.strerror or exc}); check --host and --port") from None
+    sock.set_inheritable(True)
+    return sock
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..errors import ConfigError
 
@@ -29,24 +57,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"nerveseg serve needs {' and '.join(missing)}: pip install 'nerveseg[web]'")
     import uvicorn
 
-    from ..pretrained import pretrained_dir
+    from ..pretrained import resolve_model
     from ..web import ServeSettings, create_app
 
     settings = ServeSettings(
-        model_dir=Path(args.model) if args.model else pretrained_dir(),
+        model_dir=resolve_model(args.model),
         workspace=Path(args.workspace), host=args.host, port=args.port, token=args.token, no_auth=args.no_auth,
         backend=args.backend, device=args.device, max_image_mb=args.max_image_mb, max_video_mb=args.max_video_mb,
         max_frames=args.max_frames, max_cases=args.max_cases, max_store_mb=args.max_store_mb,
         workers=args.workers, max_queue=args.max_queue, finetune_epochs=args.finetune_epochs,
     )
-    print(f"nerveseg serve: loading the model from {settings.model_dir} ...", file=sys.stderr)
-    app = create_app(settings)
-    host = f"[{settings.host}]" if ":" in settings.host else settings.host
-    print(f"nerveseg serve: open http://{host}:{settings.port}/ (API: /docs); workspace {settings.workspace}"
-          + ("; API calls need 'Authorization: Bearer <token>'" if settings.token else "")
-          + ("; WARNING: no authentication, anyone on the network can use it" if settings.no_auth else ""),
-          file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", server_header=False)
+    sock = _bind(settings.host, settings.port)
+    try:
+        print(f"nerveseg serve: loading the model from {settings.model_dir} ...", file=sys.stderr)
+        app = create_app(settings)
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        print(f"nerveseg serve: open http://{host}:{settings.port}/ (API: /docs); workspace {settings.workspace}"
+              + ("; API calls need 'Authorization: Bearer <token>'" if settings.token else "")
+              + ("; WARNING: no authentication, anyone on the network can use it" if settings.no_auth else ""),
+              file=sys.stderr)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", server_header=False)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
 
 
@@ -71,8 +104,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"  {path.name}: {len(mine)} frames, nerve CSA {min(values):g}-{max(values):g} {unit}")
     print(f"results in {out}/: measurements.csv, <name>_mask.png, <name>_overlay.png; the cine loop's "
           f"<name>_overlay.mp4 and <name>_csa.png")
+    # the page shows only the files opened in it (README's quick start says the same)
     print(f"see, correct and measure them in the browser: nerveseg serve --workspace {out / 'workspace'}  "
-          f"then open http://127.0.0.1:8000/ and drop the files of {demo.inputs[0].parent}")
+          f"then open http://127.0.0.1:8000/ and drop the example files of {demo.inputs[0].parent} onto the page "
+          f"(it starts empty; the masks you correct and save go to {out / 'workspace'})")
     return 0 if rows and not demo.result.problems else 1
 
 

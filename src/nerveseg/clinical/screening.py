@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..data.samples import read_manifest
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_write_csv, atomic_write_text
+from ..io_utils import atomic_write_csv, atomic_write_text, csv_value, csv_values
 
 SCREENING_FIELDS = (
     "subject", "side", "wrist_csa_mm2", "forearm_csa_mm2", "wfr", "delta_csa_mm2",
@@ -38,8 +38,12 @@ class Cutoffs:
     forearm_regions: tuple[str, ...] = ("forearm", "proximal forearm", "pronator quadratus")
 
     def __post_init__(self) -> None:
-        if min(self.wrist_csa_mm2, self.wfr, self.delta_csa_mm2) <= 0:
-            raise ConfigError("screening cut-offs must be positive")
+        for name, option in (("wrist_csa_mm2", "--wrist-csa"), ("wfr", "--wfr"), ("delta_csa_mm2", "--delta-csa")):
+            value = getattr(self, name)
+            # an infinite cut-off would never flag anything, silently; NaN compares false with everything
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"screening cut-off {name} ({option}) must be a finite number > 0, not {value!r}; "
+                                  f"the defaults are wrist CSA 10 mm², WFR 1.4, delta-CSA 2 mm²")
 
 
 def _region_kind(region: str, cutoffs: Cutoffs) -> str | None:
@@ -63,23 +67,61 @@ def _float(text) -> float | None:
     return value if math.isfinite(value) else None
 
 
+# What a reader of the report should know about a measurement that went into it: the QC flags of
+# measurements.csv, a mask corrected by hand (the web page's "corrected"), a pixel size from a
+# scale line drawn by hand. Without them a WFR of 0.56 (forearm larger than wrist) stands unexplained.
+_NOTE_FLAGS = (
+    ("multi_component", "several regions measured together"),
+    ("touches_border", "nerve touches the image border"),
+    ("low_confidence", "low model confidence"),
+    ("corrected", "mask corrected by hand"),
+)
+_NOTE_SCALE_LINE = "pixel size from a scale line drawn by hand"
+
+
+def _row_notes(row: dict) -> list[str]:
+    flags = set((row.get("qc_flags") or "").split(";"))
+    notes = [text for flag, text in _NOTE_FLAGS if flag in flags]
+    if (row.get("spacing_source") or "").startswith("user scale line"):
+        notes.append(_NOTE_SCALE_LINE)
+    return notes
+
+
+def _file_notes(stem: str, rows_notes: list[list[str]]) -> str | None:
+    """One note for a file: what applied to its frames, with how many when not all of them."""
+    counts: dict[str, int] = {}
+    for notes in rows_notes:
+        for note in notes:
+            counts[note] = counts.get(note, 0) + 1
+    if not counts:
+        return None
+    n = len(rows_notes)
+    parts = [note if k == n else f"{note} ({k} of {n} frames)" for note, k in counts.items()]
+    return f"{stem}: {', '.join(parts)}"
+
+
 def screen(manifest_path: str | Path, measurements_path: str | Path, cutoffs: Cutoffs = Cutoffs()) -> list[dict]:
     """Pair wrist and forearm measurements of the same subject and side and flag them.
 
     Several images (or cine frames) of one site are averaged (mean CSA, their count reported).
     Measurements without a calibrated area (area_mm2 empty) or flagged ``no_nerve`` are left out
-    and said in ``notes``; a pair missing either site gets empty ratios.
+    and said in ``notes``; a pair missing either site gets empty ratios. The notes also carry,
+    per file, the QC flags of the measurements used (several regions, touching the border, low
+    confidence), masks corrected by hand and pixel sizes from a hand-drawn scale line.
     """
-    manifest = read_manifest(manifest_path)
+    # cells escaped for spreadsheets ("'=a.png") match their names again (see io_utils.csv_cell)
+    manifest = {csv_value(stem): {k: csv_value(v) for k, v in info.items()}
+                for stem, info in read_manifest(manifest_path).items()}
     try:
         with open(measurements_path, newline="", encoding="utf-8") as f:
-            measurements = list(csv.DictReader(f))
+            measurements = [csv_values(row) for row in csv.DictReader(f)]
     except OSError as exc:
         raise InputError(measurements_path, f"cannot read ({exc})", "pass the measurements.csv written by `nerveseg segment`")
     if measurements and not {"file", "area_mm2"} <= set(measurements[0]):
         raise InputError(measurements_path, "missing the columns file and area_mm2", "use the measurements.csv of `nerveseg segment`")
     areas: dict[tuple[str, str, str], list[float]] = defaultdict(list)
     notes: dict[tuple[str, str], list[str]] = defaultdict(list)
+    used_notes: dict[tuple[str, str], dict[str, list[list[str]]]] = defaultdict(dict)  # key -> stem -> per row
     for row in measurements:
         if row.get("component") not in (None, "", "0", "all"):
             continue  # per-component rows: the whole-mask row carries the CSA
@@ -97,6 +139,9 @@ def screen(manifest_path: str | Path, measurements_path: str | Path, cutoffs: Cu
             notes[key].append(f"{_stem(row['file'])}: no calibration (area in pixels only), left out")
         else:
             areas[(key[0], key[1], kind)].append(area)
+            used_notes[key].setdefault(_stem(row["file"]), []).append(_row_notes(row))
+    for key, by_file in used_notes.items():
+        notes[key].extend(n for n in (_file_notes(stem, rows) for stem, rows in by_file.items()) if n)
     keys = sorted({(s, side) for (s, side, _) in areas} | set(notes))
     report = []
     for subject, side in keys:

@@ -28,7 +28,7 @@ from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, Train
 from ..data.samples import discover_samples
 from ..errors import ConfigError
 from ..inference.predictor import Predictor
-from ..io_utils import atomic_write_csv, atomic_write_json, atomic_write_text
+from ..io_utils import atomic_write_csv, atomic_write_json, atomic_write_text, csv_values
 from ..models import count_gflops, count_parameters, create, list_models
 from ..models.complexity import cpu_latency_ms
 from ..training.trainer import train
@@ -148,7 +148,8 @@ def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> l
                 if not path.exists():
                     continue
                 with path.open(newline="") as f:
-                    for row in csv.DictReader(f):
+                    for raw in csv.DictReader(f):
+                        row = csv_values(raw)  # a stem written escaped ('=x) is the sample =x
                         sample = samples_by_stem.get(row["stem"])
                         rows.append({
                             "arch": arch, "seed": seed, "fold": fold,

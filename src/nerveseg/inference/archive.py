@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..errors import ConfigError, InputError
-from ..io_utils import atomic_write_json
+from ..io_utils import atomic_write_json, csv_values
 from .segment import shard_file_names, write_measurements
 
 _SHARD_TABLE = re.compile(r"^measurements\.shard-(\d+)-of-(\d+)\.csv$")
@@ -47,7 +47,8 @@ def _read_table(path: Path) -> tuple[list[str], list[dict]]:
         with path.open("r", encoding="utf-8", newline="") as f:
             reader = csv.DictReader(f, restval="")
             # a line with more cells than the header (a damaged table) keeps only its named cells
-            rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
+            # csv_values: the names as segment planned them, not as escaped for spreadsheets
+            rows = [csv_values({k: v for k, v in row.items() if k is not None}) for row in reader]
             return list(reader.fieldnames or []), rows
     except (OSError, UnicodeDecodeError, csv.Error) as exc:
         raise InputError(path, f"cannot be read ({exc})",

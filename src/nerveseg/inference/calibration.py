@@ -26,6 +26,8 @@ from nerveseg.errors import ConfigError, InputError
 
 __all__ = [
     "MAX_DICOM_PIXELS",
+    "MAX_MM_PER_PIXEL",
+    "MIN_MM_PER_PIXEL",
     "NO_CALIBRATION_MESSAGE",
     "Spacing",
     "dicom_spacing",
@@ -48,6 +50,19 @@ _TISSUE_DATA_TYPES = (0, 1)
 # and waveform (4) regions have time, not length, on one axis.
 _SPATIAL_2D = (0, 1)
 _REL_TOL = 1e-6
+
+MIN_MM_PER_PIXEL = 1e-6
+MAX_MM_PER_PIXEL = 1e3
+"""The pixel sizes a Spacing accepts, in mm. An ultrasound pixel is about 0.01-1 mm; the range
+is wide on purpose and only keeps out numbers no scanner writes (a header's 1e-170 cm, a typed
+1e200), whose squares overflow or vanish in the area and circularity arithmetic."""
+
+_RANGE_TEXT = f"{MIN_MM_PER_PIXEL:g}-{MAX_MM_PER_PIXEL:g} mm (an ultrasound pixel is about 0.01-1 mm)"
+
+
+def in_range(mm: float) -> bool:
+    """Whether ``mm`` is a pixel size a :class:`Spacing` accepts."""
+    return MIN_MM_PER_PIXEL <= mm <= MAX_MM_PER_PIXEL
 
 
 # ------------------------------------------------------------------------------------------------
@@ -77,6 +92,9 @@ class Spacing:
                 raise ConfigError(f"pixel spacing {name} must be a number, not {value!r}")
             if not math.isfinite(value) or value <= 0:
                 raise ConfigError(f"pixel spacing {name} must be a positive number of mm, not {value!r}")
+            if not in_range(float(value)):
+                raise ConfigError(f"pixel spacing {name} {float(value):g} mm is outside {_RANGE_TEXT}; "
+                                  "give the size of one pixel in millimetres")
             object.__setattr__(self, name, float(value))
 
     @property
@@ -103,6 +121,9 @@ def _positive(value: Any, option: str) -> float:
         raise ConfigError(f"{option} must be a number of mm, not {value!r}") from None
     if not math.isfinite(number) or number <= 0:
         raise ConfigError(f"{option} must be a positive number of mm per pixel, not {value!r}")
+    if not in_range(number):
+        raise ConfigError(f"{option} {number:g} is outside {_RANGE_TEXT}; give the size of one pixel in "
+                          "millimetres, e.g. 0.06")
     return number
 
 
@@ -336,6 +357,14 @@ def dicom_spacing(
                     fix="crop to one region or pass --mm-per-pixel",
                 )
         indices = ",".join(str(r.index) for r in regions)
+        row_mm, col_mm = first.delta_y_cm * 10.0, first.delta_x_cm * 10.0
+        if not (in_range(row_mm) and in_range(col_mm)):
+            raise InputError(
+                path,
+                f"SequenceOfUltrasoundRegions[{indices}] declares a pixel size of {col_mm:g} x {row_mm:g} mm "
+                f"(PhysicalDeltaX/Y {first.delta_x_cm:g}/{first.delta_y_cm:g} cm), outside {_RANGE_TEXT}",
+                fix="fix the file's calibration or pass --mm-per-pixel; until then areas are in pixels only",
+            )
         return Spacing(
             row_mm=first.delta_y_cm * 10.0,
             col_mm=first.delta_x_cm * 10.0,
@@ -351,6 +380,7 @@ def dicom_spacing(
         try:
             return Spacing(row_mm=row_mm, col_mm=col_mm, source="DICOM PixelSpacing")
         except ConfigError:
-            raise InputError(path, f"PixelSpacing {row_mm:g}\\{col_mm:g} is not a positive pixel size",
-                             "fix the header or pass --mm-per-pixel") from None
+            raise InputError(path, f"PixelSpacing {row_mm:g}\\{col_mm:g} mm is not a positive pixel size within "
+                                   f"{_RANGE_TEXT}",
+                             "fix the header or pass --mm-per-pixel; until then areas are in pixels only") from None
     return None

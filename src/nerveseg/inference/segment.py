@@ -27,7 +27,7 @@ import re
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -35,7 +35,7 @@ from ..data.labelme import write_labelme
 from ..data.media import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, is_dicom, read_dicom_header, read_media
 from ..data.samples import _is_junk
 from ..errors import ConfigError, InputError, OutputError
-from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
+from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json, csv_values
 from .calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing, warn_once_no_calibration
 from .measure import MEASUREMENT_FIELDS, POSTPROCESS_MODES, measurement_rows, postprocess
 from .overlay import make_overlay, save_png
@@ -92,7 +92,7 @@ class SegmentResult:
     problems: list[InputError] = field(default_factory=list)
     videos: list[dict] = field(default_factory=list)  # per cine loop: file, frames, fps achieved
     skipped: list[Path] = field(default_factory=list)  # resume: inputs whose outputs were complete
-    table: Path | None = None  # the measurements table this run wrote
+    table: Path | None = None  # the measurements table this run wrote (None: no input, nothing written)
     planned: int = 0  # inputs this run (this shard) was to segment
 
 
@@ -379,7 +379,7 @@ def read_previous_rows(path: Path, log=print) -> dict[str, list[dict]]:
         log(f"warning: {path}: cannot read the earlier measurements ({exc}); segmenting every input again")
         return {}
     by_file: dict[str, list[dict]] = {}
-    for row in rows:
+    for row in map(csv_values, rows):  # "=a.png" was written as "'=a.png" for spreadsheets
         if row.get("file"):
             by_file.setdefault(row["file"], []).append(row)
     return by_file
@@ -463,7 +463,7 @@ def remove_own_stale_temporaries(out: Path, names: Sequence[str], class_names: S
         folder, leaf = (out / name).parent, Path(name).name
         finals.setdefault(folder, set()).update(
             [f"{leaf}_mask.png", f"{leaf}_overlay.png", f"{leaf}.json", f"{leaf}_csa.png", f"{leaf}_overlay.mp4",
-             f"{leaf}_overlay.partial.mp4"] + [f"{leaf}_{c}_mask.png" for c in others])
+             f"{leaf}_overlay.partial.mp4", f"{leaf}_seg.dcm", f"{leaf}_sr.dcm"] + [f"{leaf}_{c}_mask.png" for c in others])
         mask_folders += [out / f"{name}_masks"] + [out / f"{name}_{c}_masks" for c in others]
     removed = 0
     for folder, own in finals.items():
@@ -550,6 +550,17 @@ def _class_values(name: str, mask: np.ndarray, spacing: Spacing | None) -> dict:
 
 def save_csa_plot(rows: Sequence[dict], path: Path, title: str) -> None:
     """Cross-sectional area over the frames of a cine loop (mm² when calibrated, else px)."""
+    import matplotlib.pyplot as plt
+
+    fig = csa_figure(rows, title)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+
+
+def csa_figure(rows: Sequence[dict], title: str):
+    """The matplotlib figure of :func:`save_csa_plot`. The y axis starts at 0: from the data's
+    minimum (matplotlib's default) a 4 % change over the loop fills the plot and looks large."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -564,11 +575,10 @@ def save_csa_plot(rows: Sequence[dict], path: Path, title: str) -> None:
     ax.set_xlabel("frame")
     ax.set_ylabel(f"nerve CSA ({unit})")
     ax.set_title(title, fontsize=9)
+    ax.set_ylim(bottom=0, top=max(max(values, default=0.0) * 1.05, 1.0))
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    return fig
 
 
 def _chunks(frames: Iterator[np.ndarray], size: int) -> Iterator[list[np.ndarray]]:
@@ -588,6 +598,7 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
     frames, meta = media.frames(), media.meta
     spacing = resolve_spacing(options.spacing, media.spacing, path, log)
     header = None
+    warned: set[str] = set()
     if spacing is None and meta.get("spacing_problem"):
         header = read_dicom_header(path)  # regions disagree: choose the region around each mask
         log(f"warning: {path}: {meta['spacing_problem']}")
@@ -616,7 +627,9 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
                     try:
                         frame_spacing = dicom_spacing(header, roi=mask_roi(mask), path=path)
                     except InputError as exc:
-                        log(f"warning: {exc}")
+                        if str(exc) not in warned:  # once per file, not once per frame of a loop
+                            warned.add(str(exc))
+                            log(f"warning: {exc}")
                 frame_rows = measurement_rows(str(path), index, mask, prob, frame_spacing, options.per_component,
                                               low_confidence=options.low_confidence)
                 for name, other in zip(other_names, others):
@@ -675,13 +688,16 @@ def segment_files(
     recursive: bool = False,
     list_file: str | Path | None = None,
     shard: tuple[int, int] = (0, 1),
+    on_input: Callable[[PlannedInput, list[dict], bool], None] | None = None,
 ) -> SegmentResult:
     """Write per input ``<stem>_mask.png`` + ``<stem>_overlay.png`` (+ ``<stem>.json`` LabelMe), or for
     cine loops ``<stem>_masks/frame_NNNNN.png``, ``<stem>_overlay.mp4`` and ``<stem>_csa.png``; and
     ``measurements.csv`` (one row per image or frame, or per component) and ``videos.json``.
 
     Every input that cannot be segmented -- unreadable, missing, of an unknown type, a folder
-    inside an input folder -- is in ``result.problems`` (and logged); the rest go on.
+    inside an input folder -- is in ``result.problems`` (and logged); the rest go on. When none is
+    left to segment (``nothere.png``) and ``out_dir`` does not exist, nothing is created and
+    ``result.table`` is None.
 
     ``recursive`` searches input folders and their sub-folders; ``list_file`` adds the inputs of
     a CSV (column ``path``) or text list. Either makes it an archive run (:func:`plan_inputs`):
@@ -694,13 +710,24 @@ def segment_files(
 
     ``resume``: inputs whose outputs in ``out_dir`` are complete (:func:`completed_inputs`, per
     shard) are not segmented again; their earlier rows are kept, so the final table holds the
-    rows of every input, in input order. Resume with the same inputs (as given), options and shard."""
+    rows of every input, in input order. Resume with the same inputs (as given), options and shard.
+
+    ``on_input(item, rows, resumed)`` is called once an input's files and rows are written (and
+    for each input ``resume`` kept, with ``resumed=True``): ``segment --dicom-out`` writes the
+    DICOM SEG and SR there (:class:`nerveseg.clinical.dicom_out.DicomResultWriter`). It reports
+    its own per-input problems; a failed write stops the batch as any other."""
     options = with_model_threshold(options or SegmentOptions(), predictor)
     index, count = check_shard(shard)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     archive = recursive or list_file is not None
     items, problems = plan_inputs(paths, out, recursive=recursive, list_file=list_file, log=log)
+    if not items and count == 1 and not out.exists():
+        # nothing to segment (every input missing or unreadable): report it and make nothing, not an
+        # empty output folder with an empty measurements.csv that looks like a finished run
+        for problem in problems:
+            log(f"error: {problem}")
+        return SegmentResult(problems=problems, table=None, planned=0)
+    out.mkdir(parents=True, exist_ok=True)
     # every job of a split plans all inputs; collect compares these to see they were given the same
     plan_digest = hashlib.sha256("\n".join(f"{it.name}\t{it.path}" for it in items).encode("utf-8")).hexdigest()
     n_all = len(items)
@@ -746,6 +773,9 @@ def segment_files(
                 result.skipped.append(path)
                 if str(path) in old_videos:
                     result.videos.append(old_videos[str(path)])
+                if on_input is not None:
+                    with _stop_on_full_disk(out, path, result, table):
+                        on_input(item, done[path], True)
                 continue
             try:
                 with _stop_on_full_disk(out, path, result, table):
@@ -762,8 +792,12 @@ def segment_files(
                 if stats:
                     result.videos.append(stats)
                     atomic_write_json(out / videos_name, result.videos)
-                    log(f"{path.name}: {stats['frames']} frames at {stats['fps']:.1f} frames/s")
+                    played = f"; the loop plays at {stats['source_fps']:g} frames/s" if stats.get("source_fps") else ""
+                    log(f"{path.name}: {stats['frames']} frames segmented in {stats['seconds']:.1f} s "
+                        f"(processing rate {stats['fps']:.1f} frames/s{played})")
                 table.write(result.rows)
+                if on_input is not None:
+                    on_input(item, rows, False)
     except KeyboardInterrupt:
         # Ctrl-C (or SIGINT from a scheduler): keep the rows of every input finished so far
         with contextlib.suppress(OSError):

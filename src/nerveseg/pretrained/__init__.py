@@ -36,3 +36,12 @@ def _has_weights(folder: Path) -> bool:
         return False
     return all((folder / m / "model.safetensors").is_file() for m in members) if members \
         else (folder / "model.safetensors").is_file()
+
+
+def resolve_model(value: str | Path | None) -> Path:
+    """The run folder a ``--model`` option means: none, or ``default`` (as ``train --init-from
+    default``), is the shipped model; anything else is the folder given (a folder that is really
+    named ``default`` and holds a run still wins)."""
+    if value is None or (str(value) == "default" and not (Path(value) / "config.json").is_file()):
+        return pretrained_dir()
+    return Path(value)

@@ -8,6 +8,7 @@ measures with ``inference.measure``; only the outputs stay in memory instead of 
 
 from __future__ import annotations
 
+import itertools
 import secrets
 import threading
 import time
@@ -27,6 +28,8 @@ from ..inference.segment import SegmentOptions, with_model_threshold
 from .images import NERVE, VESSEL
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9_-]{16,32}$"
+CORRECTED = "corrected"
+"""The flag of a frame whose mask was corrected by hand, in place of ``low_confidence``."""
 _EIGHT = np.ones((3, 3), dtype=bool)
 
 
@@ -99,16 +102,35 @@ class Case:
     def nerve_prob(self, frame: Frame) -> np.ndarray:
         return frame.prob[self.class_index("nerve") or 0].astype(np.float32)
 
-    def measure(self, index: int) -> dict:
-        """(Re-)measure one frame from its current labels; returns the measurement row."""
+    def measurement(self, index: int, spacing: Spacing | None) -> dict:
+        """The measurement row of one frame's current labels at ``spacing``; changes nothing."""
         frame = self.frames[index]
         nerve = frame.labels == NERVE
-        row = measurement_rows(self.name, index, nerve, self.nerve_prob(frame), frame.spacing,
+        row = measurement_rows(self.name, index, nerve, self.nerve_prob(frame), spacing,
                                low_confidence=self.low_confidence)[0]
         vessel = frame.labels == VESSEL
         row["vessel_area_px"] = int(vessel.sum()) if self.class_index("vessel") is not None or vessel.any() else None
-        frame.row = row
+        if frame.edited:
+            # low_confidence judges the model's mask; a mask the clinician corrected is theirs, so it
+            # says "corrected" instead (confidence stays: the model's mean probability inside it)
+            flags = [f for f in row["qc_flags"].split(";") if f and f != "low_confidence"]
+            row["qc_flags"] = ";".join(flags + [CORRECTED])
         return row
+
+    def measure(self, index: int) -> dict:
+        """(Re-)measure one frame from its current labels; returns the measurement row."""
+        frame = self.frames[index]
+        frame.row = self.measurement(index, frame.spacing)
+        return frame.row
+
+    def set_spacing(self, spacing: Spacing) -> None:
+        """Calibrate every frame: all frames are measured first and the case changes only when
+        every measurement succeeded, so a failure never leaves it half calibrated (a spacing
+        on some frames, rows of the old one, and reset/keep failing on the rest)."""
+        with self.lock:
+            rows = [self.measurement(i, spacing) for i in range(len(self.frames))]
+            for frame, row in zip(self.frames, rows):
+                frame.spacing, frame.row = spacing, row
 
 
 def _labels(prob: np.ndarray, classes: list[str], options: SegmentOptions) -> np.ndarray:
@@ -175,7 +197,8 @@ def segment_upload(
                     try:
                         frame_spacing = dicom_spacing(header, roi=mask_roi(labels == NERVE), path=name)
                     except InputError as exc:
-                        warnings.append(str(exc))
+                        if str(exc) not in warnings:  # once per file, not once per frame of a loop
+                            warnings.append(str(exc))
                 frames.append(Frame(
                     image=np.round(np.clip(image, 0, 1) * 255).astype(np.uint8),
                     prob=prob.astype(np.float16), labels=labels, predicted=labels.copy(), spacing=frame_spacing,
@@ -266,7 +289,9 @@ class CaseStore:
 
     def __init__(self, max_cases: int, max_bytes: int, on_evict: Callable[[Case], Any] | None = None):
         self.max_cases, self.max_bytes = max_cases, max_bytes
-        self._cases: OrderedDict[str, Case] = OrderedDict()
+        self._cases: OrderedDict[str, Case] = OrderedDict()  # least recently used first
+        self._added: dict[str, int] = {}  # case id -> upload number: the order list() gives
+        self._count = itertools.count()
         self._lock = threading.Lock()
         self.evicted = 0
         self.on_evict = on_evict
@@ -278,8 +303,10 @@ class CaseStore:
         gone = []
         with self._lock:
             self._cases[case.id] = case
+            self._added.setdefault(case.id, next(self._count))
             while len(self._cases) > self.max_cases or self.nbytes > self.max_bytes:
                 old_id, _ = self._cases.popitem(last=False)
+                self._added.pop(old_id, None)
                 gone.append(old_id)
                 self.evicted += 1
         return gone
@@ -293,10 +320,13 @@ class CaseStore:
     def remove(self, case_id: str) -> None:
         with self._lock:
             del self._cases[case_id]
+            self._added.pop(case_id, None)
 
     def list(self) -> list[Case]:
+        """The cases in the order they were uploaded, oldest first. Not in the eviction order:
+        opening a case moves it there, and the page's list would change order on a reload."""
         with self._lock:
-            return list(self._cases.values())
+            return sorted(self._cases.values(), key=lambda c: self._added[c.id])
 
     @property
     def nbytes(self) -> int:

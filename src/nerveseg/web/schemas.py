@@ -54,7 +54,8 @@ class CaseSummary(BaseModel):
     tags: Tags
     model: str
     server_ms: float = Field(description="server time to read, segment and measure the file")
-    saved_frames: int
+    saved_frames: int = Field(description="frames saved to the workspace as training pairs")
+    edited_frames: int = Field(0, description="frames whose mask was corrected by hand")
 
 
 class Case(CaseSummary):

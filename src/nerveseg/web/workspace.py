@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..io_utils import atomic_path, atomic_write_csv
+from ..io_utils import atomic_path, atomic_write_csv, csv_values
 from .cases import Case
 from .images import label_png, png_bytes
 
@@ -51,7 +51,7 @@ class Workspace:
         if not self.manifest.is_file():
             return []
         with self.manifest.open(newline="", encoding="utf-8-sig") as f:
-            return list(csv.DictReader(f))
+            return [csv_values(row) for row in csv.DictReader(f)]  # rewritten by save: no quote added twice
 
     def pairs(self) -> list[str]:
         """Stems that have both an image and a mask."""

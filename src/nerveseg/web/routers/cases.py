@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import time
 from functools import partial
 from pathlib import Path
@@ -15,9 +13,10 @@ from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from ...errors import ConfigError, InputError
-from ...inference.calibration import Spacing, spacing_from_user
+from ...inference.calibration import MAX_MM_PER_PIXEL, MIN_MM_PER_PIXEL, Spacing, in_range, spacing_from_user
 from ...inference.measure import MEASUREMENT_FIELDS, POSTPROCESS_MODES
 from ...inference.segment import SegmentOptions
+from ...io_utils import csv_text
 from .. import schemas
 from ..cases import Case, keep_region, new_case_id, segment_upload
 from ..images import NERVE, label_png, overlay_png, png_bytes, read_label_png, thumbnail_png
@@ -246,11 +245,12 @@ def set_scale(request: Request, case_id: str, scale: schemas.ScaleRequest):
         if pixels < 5:
             raise ConfigError(f"the scale line is {pixels:.1f} pixels long; draw it along the ruler over a known length")
         size = scale.length_mm / pixels
+        if not in_range(size):  # e.g. a line of 1e300 px: say what the line gave, not Spacing's field names
+            raise ConfigError(f"the scale line gives {size:g} mm per pixel ({scale.length_mm:g} mm over {pixels:g} px), "
+                              f"outside {MIN_MM_PER_PIXEL:g}-{MAX_MM_PER_PIXEL:g} mm; draw it along the ruler over a "
+                              "known length and give that length in mm")
         spacing = Spacing(size, size, f"user scale line: {scale.length_mm:g} mm over {pixels:.1f} px (square pixels assumed)")
-    with case.lock:
-        for i, frame in enumerate(case.frames):
-            frame.spacing = spacing
-            case.measure(i)
+    case.set_spacing(spacing)
     return case_json(case)
 
 
@@ -265,11 +265,8 @@ def set_tags(request: Request, case_id: str, tags: schemas.Tags):
 @router.get("/cases/{case_id}/measurements.csv", responses=ERRORS, summary="The case's measurements as CSV")
 def case_csv(request: Request, case_id: str):
     case = get_case(request, case_id)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(MEASUREMENT_FIELDS), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(f.row for f in case.frames)
-    return Response(buf.getvalue(), media_type="text/csv",
+    text = csv_text((f.row for f in case.frames), MEASUREMENT_FIELDS)  # the file name escaped for spreadsheets
+    return Response(text, media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{Path(case.name).stem}_measurements.csv"'})
 
 

@@ -264,7 +264,8 @@ async function uploadFiles(files) {
 function qcBadges(flags) {
   return flags.map((f) => {
     const b = document.createElement("span");
-    b.className = "badge " + (f === "no_nerve" ? "bad" : "warn");
+    // "corrected" replaces low_confidence on a mask the clinician corrected: a fact, not a warning
+    b.className = "badge " + (f === "no_nerve" ? "bad" : f === "corrected" ? "" : "warn");
     b.textContent = f.replace("_", " ");
     return b;
   });
@@ -310,11 +311,15 @@ function updateListItem(c) {
   meta.textContent = `${c.kind}, ${c.n_frames} frame${c.n_frames > 1 ? "s" : ""}` + (c.calibrated ? ", mm" : ", px only");
   const badges = document.createElement("div");
   badges.className = "badges";
-  const flags = c.frames ? [...new Set(c.frames.flatMap((f) => f.qc_flags))] : c.qc_flags;
+  // the list says "edited" for a corrected mask, so its "corrected" flag is not repeated here
+  const flags = (c.frames ? [...new Set(c.frames.flatMap((f) => f.qc_flags))] : c.qc_flags).filter((f) => f !== "corrected");
   badges.append(...qcBadges(flags));
   if (!flags.length) { const ok = document.createElement("span"); ok.className = "badge ok"; ok.textContent = "QC ok"; badges.append(ok); }
-  if (c.frames && c.frames.some((f) => f.edited)) { const e = document.createElement("span"); e.className = "badge"; e.textContent = "edited"; badges.append(e); }
-  if (c.frames && c.frames.some((f) => f.saved_as)) { const s = document.createElement("span"); s.className = "badge ok"; s.textContent = "saved"; badges.append(s); }
+  // a case from GET /api/cases (after a reload) has counts, not frames
+  const edited = c.frames ? c.frames.some((f) => f.edited) : c.edited_frames > 0;
+  const saved = c.frames ? c.frames.some((f) => f.saved_as) : c.saved_frames > 0;
+  if (edited) { const e = document.createElement("span"); e.className = "badge"; e.textContent = "edited"; badges.append(e); }
+  if (saved) { const s = document.createElement("span"); s.className = "badge ok"; s.textContent = "saved"; badges.append(s); }
   if (c.tags && c.tags.region) { const t = document.createElement("span"); t.className = "badge"; t.textContent = [c.tags.region, c.tags.side].filter(Boolean).join(" "); badges.append(t); }
   info.append(name, meta, badges);
 }
