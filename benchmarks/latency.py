@@ -198,20 +198,33 @@ def training_throughput(arch: str, repeats: int) -> dict:
     return out
 
 
-def shipped_latency(model_dir: str | None, threads: int, repeats: int) -> dict:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), which platform.processor() leaves empty on Linux."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def shipped_latency(model_dir: str | None, threads: int, repeats: int, frame: tuple[int, int] = (534, 512)) -> dict:
     from nerveseg.inference.onnx_backend import load_predictor
     from nerveseg.pretrained import pretrained_dir
 
     folder = Path(model_dir) if model_dir else pretrained_dir()
     predictor = load_predictor(folder, intra_op_num_threads=threads)
-    image = np.random.default_rng(0).random((512, 534)).astype(np.float32)  # H x W of usgra-seg's frames
+    width, height = frame  # default 534x512: usgra-seg's frames; mn-wrist's are 606x468
+    image = np.random.default_rng(0).random((height, width)).astype(np.float32)
     ms = median_ms(lambda: predictor.predict_classes(image), repeats, warmup=3)
     members = getattr(predictor, "members", [predictor])
     kinds = sorted({type(m).__name__ + (" (native SAConv)" if getattr(m, "native_ops", False) else "") for m in members})
-    result = {"model": folder.name, "ms_per_frame_534x512": round(ms, 2), "members": len(members), "tta": predictor.tta,
+    size = f"{width}x{height}"
+    result = {"model": folder.name, f"ms_per_frame_{size}": round(ms, 2), "members": len(members), "tta": predictor.tta,
               "classes": predictor.class_names, "input_size": predictor.size, "backend": kinds, "threads": threads,
-              "machine": f"{platform.platform()}, {platform.processor() or platform.machine()}", "date": time.strftime("%Y-%m-%d")}
-    print(f"shipped model {folder.name}: {ms:.1f} ms per 534x512 frame (median of {repeats}; {len(members)} member(s), "
+              "machine": f"{platform.platform()}, {cpu_name()}", "date": time.strftime("%Y-%m-%d")}
+    print(f"shipped model {folder.name}: {ms:.1f} ms per {size} frame (median of {repeats}; {len(members)} member(s), "
           f"tta={predictor.tta}, input {predictor.size}px, classes {predictor.class_names}, {', '.join(kinds)}, {threads} threads)")
     return result
 
@@ -225,12 +238,14 @@ def main() -> None:
     parser.add_argument("--inductor", action="store_true", help="also torch.compile (needs a C++ compiler; ~20 s per model)")
     parser.add_argument("--shipped", action="store_true", help="only the shipped model (or --model) end to end, 534x512")
     parser.add_argument("--model", default=None, help="with --shipped: a run or ensemble folder instead")
+    parser.add_argument("--frame", default="534x512", help="with --shipped: frame WIDTHxHEIGHT (mn-wrist: 606x468)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.shipped:
-        shipped_latency(args.model, args.threads, max(args.repeats, 20))
+        width, height = (int(v) for v in args.frame.lower().split("x"))
+        shipped_latency(args.model, args.threads, max(args.repeats, 20), (width, height))
         return
-    report = {"machine": f"{platform.platform()}, {platform.processor() or platform.machine()}",
+    report = {"machine": f"{platform.platform()}, {cpu_name()}",
               "torch": torch.__version__, "threads": args.threads, "date": time.strftime("%Y-%m-%d"), "archs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.archs.split(","):

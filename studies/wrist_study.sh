@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Issue 22: one default model for the median nerve at the wrist (mn-wrist) and the nerves of regional
+# anaesthesia (usgra-seg). Every run is resumable: rerun the same phase and finished runs are skipped,
+# an interrupted one continues (--resume). Figures: docs/benchmarks.md, "The median nerve at the wrist".
+#
+# Usage: [FOLDS="0 1"] [ARMS="effunet_both"] bash studies/wrist_study.sh PHASE
+#   screen   train each arm on each fold in FOLDS (patient-grouped 5-fold split made within each data
+#            folder, seed 0) and score its held-out images per folder (RUNS/screen/ARM_fK/eval)
+#   final    train the shipped recipe on every image of both folders (no hold-out, last epoch kept)
+#   ship     copy the final run into src/nerveseg/pretrained/ with its ONNX graph and model card
+# Arms (all --recipe nerveseg: Dice + BCE, poly schedule, shear/hflip/gamma/contrast, last epoch):
+#   effunet_both   efficientnet_unet (ImageNet EfficientNet-Lite0 encoder), both folders, 30 epochs
+#   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
+#   sa_wrist       sa_unet, mn-wrist only, 60 epochs
+#   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
+# Environment: SHARED (default ../shared/data), RUNS (default runs/wrist), THREADS (default 2).
+set -euo pipefail
+SHARED=${SHARED:-../shared/data}
+RUNS=${RUNS:-runs/wrist}
+THREADS=${THREADS:-2}
+WRIST="$SHARED/mn-wrist"
+USGRA="$SHARED/usgra-seg"
+FOLDS=${FOLDS:-0 1}
+ARMS=${ARMS:-effunet_both}
+
+arm_args() {  # the training flags of an arm
+  case "$1" in
+    effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
+    effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
+    sa_both)       echo "--data $WRIST --data $USGRA --arch sa_unet --epochs 60" ;;
+    sa_wrist)      echo "--data $WRIST --arch sa_unet --epochs 60" ;;
+    *) echo "unknown arm $1" >&2; return 2 ;;
+  esac
+}
+
+train_run() {  # train_run OUT FLAGS...: train, resume an interrupted run, or skip a finished one
+  local out=$1; shift
+  [ -f "$out/.trained" ] && { echo "finished: $out"; return 0; }
+  local resume=()
+  [ -f "$out/config.json" ] && resume=(--resume)
+  nerveseg train --recipe nerveseg --label 1 --threads "$THREADS" --quiet --out "$out" "${resume[@]}" "$@"
+  touch "$out/.trained"
+}
+
+case "${1:-}" in
+  screen)
+    for arm in $ARMS; do
+      for k in $FOLDS; do
+        run="$RUNS/screen/${arm}_f$k"
+        # shellcheck disable=SC2046
+        train_run "$run" $(arm_args "$arm") --folds 5 --fold "$k"
+        [ -f "$run/eval/metrics.json" ] || nerveseg evaluate --model "$run" --data "$WRIST" --data "$USGRA" \
+          --subset val --out "$run/eval" --quiet --no-overlays
+      done
+    done
+    ;;
+  final)
+    train_run "$RUNS/final/effunet_both" --data "$WRIST" --data "$USGRA" --arch efficientnet_unet --epochs 30 --val-fraction 0
+    ;;
+  ship)
+    python benchmarks/ship_default_model.py "$RUNS/final/effunet_both" --name nerveseg_nerves --no-tta --keep-largest '' \
+      --threshold 0.5 --low-confidence "${LOW_CONFIDENCE:-0.7}" ${CV_METRICS:+--cv-metrics "$CV_METRICS"}
+    ;;
+  *)
+    sed -n '2,18p' "$0"; exit 2 ;;
+esac
