@@ -38,6 +38,7 @@ PAPER_CONFIG_BEFORE = {
     "train_stems": [], "val_stems": [], "nerveseg_version": "",
 }
 NEW_FIELDS_OFF = {
+    "model": {"encoder_weights": None},  # issue 22
     "data": {"labels": None, "label_names": None},
     "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None, "seed": None,
               "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False,  # issue 13
