@@ -1,7 +1,7 @@
 """Ship a trained run or ensemble folder as the package's default model (src/nerveseg/pretrained/NAME).
 
-Usage: python benchmarks/ship_default_model.py RUN [--name sa_unet_usgra] [--tta | --no-tta] [--keep-largest nerve]
-           [--cv-metrics RUN/cv_plain/metrics.json]
+Usage: python benchmarks/ship_default_model.py RUN [--name nerveseg_nerves] [--tta | --no-tta] [--keep-largest nerve]
+           [--cv-metrics RUN/cv_plain/metrics.json] [--card-data TEXT] [--card-limits TEXT] [--card-validation TEXT]
 
 Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
 model.onnx, so the default backend never exports at run time. Every machine-specific value is
@@ -25,7 +25,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nerveseg" / "pretrained
 
 def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] | None,
              threshold: float | None = None, low_confidence: float | None = None) -> RunConfig:
-    config.data.data_dir = ""  # trained on usgra-seg (docs/MODEL_CARD.md); the path was this machine's
+    config.data.data_dir = ""  # the data sets are named in docs/MODEL_CARD.md; the paths were this machine's
     if config.train.init_from not in (None, "default"):
         config.train.init_from = Path(config.train.init_from).name
     if tta is not None:
@@ -52,7 +52,16 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None,
                 weights_hash=weights_sha256(dest / "model.safetensors"))
 
 
-def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None, members_held_out: bool = False) -> dict:
+DATA_USGRA = "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner"
+DATA_BOTH = (DATA_USGRA + "; mn-wrist images from the DL-UNet project (SasageyoOrg/dl-unet), GPL-3.0: 190 carpal-tunnel "
+             "images of 75 patients, median nerve")
+LIMITS_BOTH = ("trained on plexus, elbow, femoral and sciatic nerves (one machine) and the median nerve at the carpal tunnel "
+               "inlet (one wrist data set, machine unknown); not on the forearm, other machines, children or pathology; "
+               "check every outline")
+
+
+def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None, members_held_out: bool = False,
+               name: str = "nerveseg_nerves", data: str = DATA_BOTH, limits: str = LIMITS_BOTH) -> dict:
     """The summary `nerveseg serve` shows (web/model_slot.py), from the cross-validation metrics."""
     import json
 
@@ -71,13 +80,16 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None,
     else:  # one model on all images: the figures are its recipe's, from fold models that never saw the image
         how = (f"these weights saw every image; their recipe was cross-validated on {cv_folds or '?'} held-out "
                "fold(s) of a 5-fold split by image")
+    by_source = m.get("by_source") or {}
+    if by_source:  # several data folders: each one's figure, as the model card reports them
+        figures = "; ".join(f"{source}: nerve Dice {c['dice']['mean']:.3f} ± {c['dice']['sd']:.3f} ({c['n_images']} images), "
+                            f"{100 * c['zero_overlap_rate']:.1f}% complete misses" for source, c in by_source.items())
     return {
-        "name": "sa_unet_usgra",
-        "data": "usgra-seg dataset, T. M. K., CC-BY 4.0: 204 peripheral-nerve ultrasound images, one machine, one examiner",
+        "name": name,
+        "data": data,
         "validation": f"{how}, each image scored by a fold model that never saw it "
                       f"({m['n_images']} images): {figures} (docs/MODEL_CARD.md)",
-        "limits": "not trained on the median nerve at the wrist or forearm, other machines, children or pathology; "
-                  "check every outline",
+        "limits": limits,
         "use": "Not a medical device. Research and decision support only.",
     }
 
@@ -85,7 +97,9 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None,
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("run")
-    parser.add_argument("--name", default="sa_unet_usgra")
+    parser.add_argument("--name", default="nerveseg_nerves")
+    parser.add_argument("--card-validation", default=None,
+                        help="the model card's validation line as text, when no --cv-metrics covers the shipped recipe")
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--threshold", type=float, default=None, help="the probability cut chosen on cross-validation")
@@ -103,7 +117,12 @@ def main() -> None:
         config = RunConfig.load(dest / "config.json")
         # fold models (each held images out) or models trained on every image (seeds of one recipe)
         held_out = bool(config.members) and all(RunConfig.load(dest / m / "config.json").val_stems for m in config.members)
-        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), config, args.cv_folds, held_out))
+        atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), config, args.cv_folds, held_out,
+                                                               name=args.name))
+    elif args.card_validation:
+        atomic_write_json(dest / "model_card.json", {"name": args.name, "data": DATA_BOTH, "validation": args.card_validation,
+                                                     "limits": LIMITS_BOTH,
+                                                     "use": "Not a medical device. Research and decision support only."})
     for path in sorted(dest.rglob("*")):
         if path.is_file():
             path.chmod(0o644)

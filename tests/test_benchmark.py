@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 
 import pytest
@@ -69,6 +70,14 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path, capsys):
     for text in ("Table 3", "Table 2", "Wilcoxon", "| sa_unet |", "| unet |", "455,603"):
         assert text in summary, text
     assert (out / "roc.png").stat().st_size > 1000
+    assert "p (Holm)" in summary
+    # Fig. 4: six images (3 hardest, 3 typical), a column for the image and one per architecture
+    from PIL import Image
+
+    panel = Image.open(out / "overlay_panel.png")
+    assert panel.size[1] == 18 + 6 * 256 and panel.size[0] > 3 * 256
+    bench = json.loads((out / "benchmark.json").read_text())
+    assert bench["train"]["checkpoint"] == "last" and bench["train"]["loss"] == "dice"  # the paper recipe
 
     # without --resume the folder is protected
     assert main(args) == 2
@@ -84,6 +93,29 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path, capsys):
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 24
     assert "resuming: 3 of 4 runs already finished" in capsys.readouterr().err
+
+
+def test_pick_panel_stems_takes_the_hardest_then_typical_images():
+    from nerveseg.evaluation.benchmark import pick_panel_stems
+
+    # mean Dice per image over both architectures: a 0.1, b 0.5, c 0.6, d 0.7, e 0.9, f nan only
+    rows = [{"stem": s, "dice": d} for s, d in (("a", 0.0), ("a", 0.2), ("b", 0.5), ("c", 0.6), ("d", 0.7),
+                                                 ("e", 0.9), ("f", "nan"))]
+    assert pick_panel_stems(rows, n_hard=1, n_typical=2) == ["a", "c", "b"]  # median of the means: c (0.6)
+    assert pick_panel_stems([], 3, 3) == []
+
+
+def test_benchmark_recipe_flag_takes_the_recipes_fields(tmp_path, ellipse_dataset, monkeypatch):
+    import nerveseg.evaluation.benchmark as benchmark
+
+    seen = {}
+    monkeypatch.setattr(benchmark, "run_benchmark", lambda cfg, *a, **k: seen.update(cfg=cfg) or
+                        {"summary": "", "rows": 0, "runs": 0, "planned": 0})
+    assert main(["benchmark", "--data", str(ellipse_dataset), "--recipe", "nerveseg", "--epochs", "3",
+                 "--out", str(tmp_path / "b"), "--quiet"]) == 0
+    train = seen["cfg"].train
+    assert train.loss == "dice_ce" and train.schedule == "poly" and train.epochs == 3 and train.checkpoint == "last"
+    assert train.augment == ("shear", "hflip", "gamma", "contrast") and seen["cfg"].preprocess.size == 256
 
 
 def test_benchmark_refuses_bad_arguments(tmp_path, ellipse_dataset):

@@ -356,18 +356,23 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..config import PreprocessConfig, TrainConfig
     from ..evaluation.benchmark import BenchmarkConfig, parse_shard, run_benchmark
 
+    from ..training.recipes import recipe_values
+
+    # the recipe's training fields, then every flag given. The checkpoint is always the last epoch:
+    # a fold's validation images are the ones it reports, so choosing an epoch on them would flatter it
+    train_values = recipe_values(args.recipe)["train"]
+    given = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
+                 augment=None if args.augment is None else tuple(a for a in args.augment.split(",") if a))
+    train_values.update({k: v for k, v in given.items() if v is not None})
+    train_values.update(num_threads=args.threads, device=args.device, sync_batchnorm=args.sync_bn, checkpoint="last")
     config = BenchmarkConfig(
         data_dir=str(Path(args.data).resolve()),
         archs=tuple(a.strip() for a in args.archs.split(",") if a.strip()),
         label=args.label,
         seeds=args.seeds,
         folds=args.folds,
-        preprocess=PreprocessConfig(size=args.size),
-        train=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
-            augment=tuple(a for a in args.augment.split(",") if a), num_threads=args.threads, device=args.device,
-            sync_batchnorm=args.sync_bn,
-        ),
+        preprocess=PreprocessConfig(size=args.size or recipe_values(args.recipe)["preprocess"].get("size", 256)),
+        train=TrainConfig(**train_values),
         command=("nerveseg " + " ".join(sys.argv[1:])) if sys.argv and Path(sys.argv[0]).name in ("nerveseg", "__main__.py") else "",
     )
     result = run_benchmark(config, args.out, resume=args.resume or args.collect_only, progress=not args.quiet,
@@ -618,12 +623,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--archs", default="sa_unet,unet,unet_pp,attention_unet,multires_unet")
     p.add_argument("--seeds", type=int, default=3, help="repetitions (the paper: 20)")
     p.add_argument("--folds", type=int, default=5)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant")
-    p.add_argument("--augment", default="shear")
+    p.add_argument("--recipe", default="paper", help="training recipe of every architecture (`nerveseg recipes`); "
+                   "flags below win; the last epoch is always kept (no held-out image picks a checkpoint)")
+    p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (paper: 30)")
+    p.add_argument("--size", type=int, default=None, help="default: the recipe's (256)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--schedule", choices=("constant", "cosine", "poly"), default=None)
+    p.add_argument("--augment", default=None, help="comma list; default: the recipe's (paper: shear)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronised BatchNorm (see `train --sync-bn`)")

@@ -305,8 +305,9 @@ def parse_shard(text: str) -> tuple[int, int]:
 
 def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = False, progress: bool = True,
                   measure_latency: bool = True, log=None, shard: tuple[int, int] = (0, 1),
-                  collect_only: bool = False) -> dict:
-    """Train and evaluate every (seed, fold, arch); write results.csv, summary.md and roc.png.
+                  collect_only: bool = False, overlays: bool = True) -> dict:
+    """Train and evaluate every (seed, fold, arch); write results.csv, summary.md, roc.png and
+    (``overlays``) overlay_panel.png.
 
     ``shard=(i, n)`` trains only the runs whose index in the job list is i mod n (jobs are ordered
     seed, fold, arch), so n processes can share ``out_dir``. ``collect_only`` trains nothing and
@@ -378,7 +379,83 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
             curves[arch] = roc
     if curves:
         save_roc_plot(curves, out / "roc.png")
+    if finished and overlays:  # Fig. 4: the hardest and some typical images under every network
+        overlay_panel(cfg, out, pick_panel_stems(rows))
     return {"rows": len(rows), "runs": len(finished), "planned": len(jobs), "summary": summary}
+
+
+def pick_panel_stems(rows: list[dict], n_hard: int = 3, n_typical: int = 3) -> list[str]:
+    """Images for the overlay panel: the ``n_hard`` with the lowest Dice averaged over every
+    architecture and run, then the ``n_typical`` closest to the median of those averages."""
+    by_stem: dict[str, list[float]] = {}
+    for r in rows:
+        v = r.get("dice")
+        if v not in (None, "", "nan") and math.isfinite(float(v)):
+            by_stem.setdefault(r["stem"], []).append(float(v))
+    means = sorted((sum(v) / len(v), stem) for stem, v in by_stem.items())
+    hard = [stem for _, stem in means[:n_hard]]
+    if not means:
+        return []
+    median = means[len(means) // 2][0]
+    typical = [stem for _, stem in sorted(means[n_hard:], key=lambda m: (abs(m[0] - median), m[1]))[:n_typical]]
+    return hard + typical
+
+
+def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int = 0,
+                  path: Path | None = None, tile: int = 256) -> Path | None:
+    """The paper's Fig. 4: one row per image, the image then each architecture's prediction (red)
+    over the expert's outline (green), each by the seed-``seed`` model of the fold that held the
+    image out. Architectures whose run has not finished are left out; None when nothing is left."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from ..data.io import read_mask
+    from ..data.media import read_frame
+    from ..data.samples import fold_assignment
+    from ..inference.overlay import make_overlay
+
+    samples, _ = discover_samples(cfg.data_dir)
+    by_stem = {s.stem: s for s in samples}
+    folds = fold_assignment(samples, cfg.folds, seed)
+    archs = [a for a in cfg.archs if all(_finished(out, seed, folds[s], a) for s in stems if s in folds)]
+    stems = [s for s in stems if s in by_stem and s in folds]
+    if not archs or not stems:
+        return None
+    predictors: dict[tuple[str, int], Predictor] = {}
+    rows = []
+    for stem in stems:
+        sample = by_stem[stem]
+        image, _, _ = read_frame(sample.image_path, sample.frame)
+        truth = read_mask(sample.mask_path, label=cfg.label, image_shape=image.shape)
+        cells = [make_overlay(image, None, truth)]
+        for arch in archs:
+            key = (arch, folds[stem])
+            if key not in predictors:
+                predictors[key] = Predictor.from_run(run_dir_for(out, arch, seed, folds[stem]), device="cpu")
+            cells.append(make_overlay(image, predictors[key].predict(image) >= 0.5, truth))
+        rows.append(cells)
+    h = tile
+    widths = [round(c.shape[1] * h / c.shape[0]) for c in rows[0]]
+    label_h = 18
+    panel = Image.new("RGB", (sum(widths), label_h + h * len(rows)), "white")
+    draw = ImageDraw.Draw(panel)
+    x = 0
+    for title, w in zip(["image + expert (green)", *archs], widths):
+        draw.text((x + 4, 3), title, fill="black")
+        x += w
+    for i, cells in enumerate(rows):
+        x = 0
+        for cell in cells:
+            w = round(cell.shape[1] * h / cell.shape[0])
+            panel.paste(Image.fromarray(cell).resize((w, h), Image.BILINEAR), (x, label_h + i * h))
+            x += w
+        draw.text((4, label_h + i * h + 3), stems[i], fill="yellow")
+    path = path or out / "overlay_panel.png"
+    from ..io_utils import atomic_path
+
+    with atomic_path(path) as tmp:
+        panel.save(tmp, format="PNG")
+    return path
 
 
 def _finished(out: Path, seed: int, fold: int, arch: str) -> bool:
