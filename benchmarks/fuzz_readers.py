@@ -17,7 +17,9 @@ can become a regression test. Exit status 1 when any reader crashed.
 
 The seed files and the checks (:data:`READERS`, :func:`check`) are shared with
 tests/test_properties.py, which runs bounded, seeded property-based versions of the same
-mutations in the test suite.
+mutations in the test suite. Hand-made resource bombs (small files that are huge once read),
+slow clients and numbers at the edges are benchmarks/reliability.py's: one fresh process per
+case, its peak RSS measured.
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ __all__ = [
     "read_frame",
     "read_media",
     "read_video_frames",
+    "video_frame_count",
     "video_info",
 ]
 
@@ -66,10 +67,13 @@ columns x samples x bytes allocated), its float copy (4 or 8 bytes a sample) and
 (4 bytes a pixel). A small compressed file can declare a huge image; this bounds what it costs
 before anything is decoded."""
 
-MAX_DICOM_INFLATED_BYTES: int = 600_000_000
+MAX_DICOM_INFLATED_BYTES: int = 320_000_000
 """Largest data set a Deflated Explicit VR Little Endian file may inflate to. pydicom inflates
 the whole data set in memory before parsing it, so a 300 KB file of zeros could cost gigabytes;
-the size is measured by streaming the inflation first, in bounded chunks."""
+the size is measured by streaming the inflation first, in bounded chunks. No data set above about
+300 MB could pass MAX_DICOM_DECODE_BYTES anyway (16-bit RGB, the widest pixels an ultrasound frame
+has, needs 22 bytes a pixel to decode: 1 GB is 45M pixels, 272 MB stored), and pydicom holds the
+inflated bytes twice while parsing, so a larger cap only lets a bomb cost more before it is refused."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -114,24 +118,34 @@ def _no_such_frame(path: Path, index: int, n_frames: int) -> InputError:
                       "number frame masks from 0 (frame_00000.png is the first frame), as `nerveseg segment` does")
 
 
-def read_media(path: str | Path) -> Media:
+def read_media(path: str | Path, *, max_frames: int | None = None, frames_fix: str | None = None) -> Media:
     """Open an image file, DICOM file or cine loop.
 
     Image files and DICOM are decoded now (so a broken file is reported before anything is
     written); a video's frames are decoded while :meth:`Media.frames` is iterated.
 
+    ``max_frames`` bounds a cine loop: one whose container holds more frames is refused now,
+    before any frame is decoded (:func:`video_frame_count`), and :meth:`Media.frames` stops with
+    the same InputError before decoding frame ``max_frames + 1`` when the container's count was
+    wrong. ``frames_fix`` replaces the message's advice (the server names its --max-frames).
+
     Raises
     ------
     InputError
         Unsupported type, or what the format's reader raises (missing, empty, corrupt, too large,
-        undecodable compression).
+        undecodable compression), or a cine loop of more than ``max_frames`` frames.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix in VIDEO_EXTENSIONS:
         info = video_info(path)
+        if max_frames is not None:
+            if info["n_frames"] > max_frames:  # the stream's own count
+                raise _too_many_frames(path, max_frames, frames_fix, info["n_frames"])
+            if not info["n_frames"] and video_frame_count(path, stop_after=max_frames) > max_frames:
+                raise _too_many_frames(path, max_frames, frames_fix)  # packets counted up to the limit
         return Media(path, "video", info["n_frames"], None, {"kind": "video", **info},
-                     lambda: read_video_frames(path))
+                     lambda: read_video_frames(path, max_frames=max_frames, frames_fix=frames_fix))
     if is_dicom(path):
         frames, spacing, meta = read_dicom(path)
         fps = 1000.0 / meta["frame_time_ms"] if meta.get("frame_time_ms") else None
@@ -688,17 +702,72 @@ def video_info(path: str | Path) -> dict:
     return {"n_frames": max(int(stream.frames or 0), 0), "fps": rate, "width": width, "height": height}
 
 
-def read_video_frames(path: str | Path) -> Iterator[np.ndarray]:
-    """Yield each frame as float32 (H, W) grey in [0, 1] (luminance of the decoded RGB)."""
+def _too_many_frames(path: str | Path, max_frames: int, fix: str | None, count: int | None = None) -> InputError:
+    frames = f"{count:,} frames" if count is not None else f"more than {max_frames:,} frames"
+    return InputError(path, f"is a cine loop of {frames}; the limit is {max_frames:,}",
+                      fix or f"split the cine loop into loops of at most {max_frames:,} frames")
+
+
+def video_frame_count(path: str | Path, stop_after: int | None = None) -> int:
+    """The number of frames a cine loop's container holds, without decoding any.
+
+    The stream's own count (MP4 and MOV write it) when there is one; else the video packets
+    are counted by demuxing (MKV, most AVI), which reads the file but decodes nothing --
+    exact where a duration x frame rate estimate can be off by one, and cheap. ``stop_after``
+    stops counting at ``stop_after + 1``: enough to know a limit is passed.
+    """
     av = _av()
     try:
         with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                if frame.width * frame.height > MAX_IMAGE_PIXELS or frame.width <= 0 or frame.height <= 0:
-                    raise InputError(path, f"a video frame is {frame.width}x{frame.height}; the limit is "
-                                           f"{MAX_IMAGE_PIXELS:,} pixels", "export the cine loop at the scanner's resolution")
-                rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
-                yield (rgb @ LUMA_WEIGHTS) / 255.0
+            if not container.streams.video:
+                raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
+            stream = container.streams.video[0]
+            if int(stream.frames or 0) > 0:
+                return int(stream.frames)
+            count = 0
+            for packet in container.demux(stream):
+                if packet.size:  # the last, empty packet only flushes the decoder
+                    count += 1
+                    if stop_after is not None and count > stop_after:
+                        break
+            return count
+    except InputError:
+        raise
+    except av.error.FFmpegError as exc:  # includes av.error.MemoryError: FFmpeg's ENOMEM for a damaged header
+        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # PyAV's own errors on damaged files, as video_info
+        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+
+
+def read_video_frames(path: str | Path, max_frames: int | None = None, frames_fix: str | None = None) -> Iterator[np.ndarray]:
+    """Yield each frame as float32 (H, W) grey in [0, 1] (luminance of the decoded RGB).
+
+    With ``max_frames``, an InputError instead of frame ``max_frames + 1``: raised when packet
+    ``max_frames + 1`` is demuxed, before it is decoded (a packet holds one frame; decoded
+    frames are counted too, for the odd container that packs two)."""
+    av = _av()
+    packets = frames = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
+            stream = container.streams.video[0]
+            for packet in container.demux(stream):
+                if packet.size:
+                    packets += 1
+                    if max_frames is not None and packets > max_frames:
+                        raise _too_many_frames(path, max_frames, frames_fix)
+                for frame in packet.decode():
+                    frames += 1
+                    if max_frames is not None and frames > max_frames:
+                        raise _too_many_frames(path, max_frames, frames_fix)
+                    if frame.width * frame.height > MAX_IMAGE_PIXELS or frame.width <= 0 or frame.height <= 0:
+                        raise InputError(path, f"a video frame is {frame.width}x{frame.height}; the limit is "
+                                               f"{MAX_IMAGE_PIXELS:,} pixels", "export the cine loop at the scanner's resolution")
+                    rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
+                    yield (rgb @ LUMA_WEIGHTS) / 255.0
     except InputError:
         raise
     except av.error.FFmpegError as exc:  # includes av.error.MemoryError (FFmpeg's ENOMEM)
