@@ -7,6 +7,7 @@ port. With NERVESEG_SCREENSHOTS=DIR the tests also save the screenshots of docs/
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import threading
@@ -44,9 +45,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    workspace = tmp_path_factory.mktemp("browser") / "ws"
+@contextlib.contextmanager
+def serving(workspace: Path):
+    """The shipped model under uvicorn in a thread, on a free loopback port."""
     port = free_port()
     app = create_app(ServeSettings(model_dir=pretrained_dir(), workspace=workspace, port=port))
     config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
@@ -57,9 +58,17 @@ def server(tmp_path_factory):
     while not srv.started and time.time() < deadline:
         time.sleep(0.05)
     assert srv.started, "uvicorn did not start"
-    yield {"url": f"http://127.0.0.1:{port}", "workspace": workspace, "app": app}
-    srv.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield {"url": f"http://127.0.0.1:{port}", "workspace": workspace, "app": app}
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with serving(tmp_path_factory.mktemp("browser") / "ws") as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +79,26 @@ def browser():
         b.close()
 
 
-@pytest.fixture
-def page(browser, server):
+@contextlib.contextmanager
+def opened(browser, url: str):
+    """The page at ``url`` in a new browser context; no script error or CSP violation allowed."""
     context = browser.new_context(viewport={"width": 1400, "height": 860})
     pg = context.new_page()
     pg.set_default_timeout(TIMEOUT)
     errors = []
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-    pg.goto(server["url"] + "/")
+    pg.goto(url + "/")
     wait_js(pg, "document.getElementById('model-summary').textContent.includes('sa_unet')")
     yield pg
     context.close()
     assert not errors, errors  # no script error, no CSP violation
+
+
+@pytest.fixture
+def page(browser, server):
+    with opened(browser, server["url"]) as pg:
+        yield pg
 
 
 def wait_js(pg, expression: str, timeout_ms: int = TIMEOUT) -> None:
@@ -308,3 +324,39 @@ def test_badges_and_order_survive_a_reload(page, server):
     assert page.evaluate(f"() => {ids}") == order
     text = page.text_content(badges)
     assert "edited" in text and "saved" in text, text
+
+
+def test_finetune_with_one_saved_case_starts_and_stops_from_the_page(browser, tmp_path):
+    """One saved case (a workspace of its own): before, the job failed at once ("a train/val
+    split needs at least 2 subjects"), and a running job had no Stop button on the page."""
+    from nerveseg.web.jobs import train_supports_init_from
+
+    if not train_supports_init_from():
+        pytest.skip("this nerveseg's `train` has no --init-from, which fine-tuning needs")
+    with serving(tmp_path / "ws") as server, opened(browser, server["url"]) as pg:
+        upload(pg, "usgra_0067.png")
+        pg.click("#save")  # the model's mask, not corrected: the page and the manifest say so
+        wait_js(pg, "document.getElementById('save-status').textContent.startsWith('Saved')")
+        assert "the model's own mask, not corrected" in pg.text_content("#save-status")
+        wait_js(pg, "!document.getElementById('ft-start').disabled")
+        assert "1 pair(s)" in pg.text_content("#ft-info") and "0 corrected by hand" in pg.text_content("#ft-info")
+        assert pg.is_hidden("#ft-stop")
+        pg.fill("#ft-epochs", "50")  # far more than the test waits for: it is stopped while it runs
+        pg.click("#ft-start")
+        wait_js(pg, "document.getElementById('ft-status').textContent.includes('running')")
+        assert pg.is_visible("#ft-stop")
+        assert "no held-out check" in pg.text_content("#ft-status")
+        assert "no held-out check" in pg.text_content("#ft-note") and "one subject" in pg.text_content("#ft-note")
+        runner = server["app"].state.nerveseg.runner
+        job = next(iter(runner.jobs.values()))
+        # training is under way: the split passed (config.json is written after it) and the job runs
+        deadline = time.time() + 120
+        while not (job.out / "config.json").is_file() and job.state == "running" and time.time() < deadline:
+            time.sleep(0.2)
+        assert job.state == "running" and (job.out / "config.json").is_file(), job.log_tail()
+        assert job.command[-2:] == ["--val-fraction", "0"]
+        pg.click("#ft-stop")
+        wait_js(pg, "document.getElementById('ft-status').textContent.includes('stopped')", timeout_ms=30_000)
+        assert job.state == "cancelled" and job.process.wait(timeout=30) is not None  # the process ends
+        assert pg.is_hidden("#ft-stop") and "Stopped" in pg.text_content("#ft-result")
+        wait_js(pg, "!document.getElementById('ft-start').disabled")  # a new run may start

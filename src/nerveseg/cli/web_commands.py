@@ -59,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from ..pretrained import resolve_model
     from ..web import ServeSettings, create_app
+    from ..web.server import uvicorn_config
 
     settings = ServeSettings(
         model_dir=resolve_model(args.model),
@@ -66,6 +67,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backend=args.backend, device=args.device, max_image_mb=args.max_image_mb, max_video_mb=args.max_video_mb,
         max_frames=args.max_frames, max_cases=args.max_cases, max_store_mb=args.max_store_mb,
         workers=args.workers, max_queue=args.max_queue, finetune_epochs=args.finetune_epochs,
+        max_megapixels=args.max_megapixels, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        max_connections=args.max_connections, keep_finetune_runs=args.keep_finetune_runs,
     )
     sock = _bind(settings.host, settings.port)
     try:
@@ -76,8 +79,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               + ("; API calls need 'Authorization: Bearer <token>'" if settings.token else "")
               + ("; WARNING: no authentication, anyone on the network can use it" if settings.no_auth else ""),
               file=sys.stderr)
-        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", server_header=False)
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(uvicorn_config(app, settings)).run(sockets=[sock])
     finally:
         sock.close()
     return 0
@@ -129,6 +131,16 @@ def add_web_commands(sub) -> None:
     p.add_argument("--workers", type=int, default=1, help="segmentations at once (each uses every core)")
     p.add_argument("--max-queue", type=int, default=16, help="segmentations waiting; beyond that: 503 + Retry-After")
     p.add_argument("--finetune-epochs", type=int, default=10, help="default epochs of the page's fine-tune button")
+    p.add_argument("--keep-finetune-runs", type=int, default=5,
+                   help="fine-tuning runs kept in WORKSPACE/finetune/; older run folders are deleted when a run starts or ends")
+    p.add_argument("--max-megapixels", type=_positive_float, default=40,
+                   help="largest frame, in million pixels, checked from the file's header before decoding (413 beyond)")
+    p.add_argument("--body-timeout", type=_positive_float, default=30,
+                   help="seconds a request body may send nothing (or average under 1 KB/s after them) before 408")
+    p.add_argument("--header-timeout", type=_positive_float, default=10,
+                   help="seconds a connection has to send a request's headers before it is closed")
+    p.add_argument("--max-connections", type=int, default=256,
+                   help="connections and requests at once (uvicorn's limit_concurrency; 503 beyond)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_serve)

@@ -19,9 +19,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..errors import ConfigError, InputError, NerveSegError
+from .cases import TooManyPixels
 from .media import UnsupportedMediaType, UploadTooLarge
 from .routers import cases, service
 from .security import SecurityMiddleware
@@ -70,6 +72,17 @@ def create_app(settings: ServeSettings, loader: Callable[[Path], object] | None 
     async def input_error(request: Request, exc: InputError):
         status = 415 if isinstance(exc, UnsupportedMediaType) else 422
         return _error(status, str(exc), "unsupported_type" if status == 415 else "bad_input")
+
+    @app.exception_handler(TooManyPixels)
+    async def too_many_pixels(request: Request, exc: TooManyPixels):
+        return _error(413, str(exc), "too_many_pixels")
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_disconnect(request: Request, exc: ClientDisconnect):
+        # routine (a closed tab, a cancelled upload): one line, not "unexpected error" and two
+        # tracebacks; the answer goes nowhere
+        log.warning("client disconnected during upload: %s %s", request.method, request.url.path)
+        return _error(400, "the client disconnected before the request body was complete", "disconnected")
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, exc: ConfigError):

@@ -87,7 +87,8 @@ class ScaleRequest(BaseModel):
 
 
 class SaveRequest(BaseModel):
-    frames: Optional[list[int]] = Field(None, description="frame indices; default: every frame (one for an image)")
+    frames: Optional[list[int]] = Field(None, description="frame indices, each saved once (no more entries than the "
+                                                          "case has frames); default: every frame (one for an image)")
     overwrite: bool = Field(False, description="replace a pair this case saved before")
 
 
@@ -96,6 +97,8 @@ class SavedPair(BaseModel):
     image: str
     mask: str
     manifest: str
+    corrected: bool = Field(description="the mask was corrected by hand; false: the model's own mask, saved unchanged "
+                                        "(manifest.csv column corrected = no)")
 
 
 class SaveResult(BaseModel):

@@ -1,5 +1,6 @@
 """One ASGI middleware for every request: security headers, the bearer token, the Host and
-Origin checks, and a cap on requests in flight (503 + Retry-After beyond it).
+Origin checks, a cap on requests in flight (503 + Retry-After beyond it), and a read timeout on
+request bodies.
 
 * **Headers**: a Content-Security-Policy that allows only the server's own scripts, styles and
   images (no inline script, no framing), ``X-Content-Type-Options: nosniff``,
@@ -11,13 +12,25 @@ Origin checks, and a cap on requests in flight (503 + Retry-After beyond it).
   elsewhere cannot reach the API by pointing its own domain name at 127.0.0.1 (DNS rebinding).
 * **Origin**: a request that changes anything and carries an ``Origin`` header must come from
   this server's own origin (no cross-site uploads from another tab).
+* **In flight**: at most ``max_in_flight`` API requests at once; the page itself (``/``, its
+  static files, ``/docs``, ``/openapi.json``) and ``/api/health`` are never counted or refused
+  here, so a crowd of slow uploads cannot make the page or the liveness check answer 503.
+* **Slow bodies**: a body that sends nothing for ``body_timeout_s`` seconds, or that averages
+  under :data:`MIN_BODY_RATE` once it has taken that long (1 byte/s "slowloris" uploads), is
+  answered 408 and its connection closed. The upload limiter's slot is taken only after the body
+  has arrived (``routers/cases.py``), so slow senders hold a connection, never a worker.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
+import re
+import time
 from urllib.parse import urlsplit
+
+from fastapi import HTTPException
 
 from .settings import ServeSettings, is_loopback
 
@@ -36,12 +49,58 @@ SECURITY_HEADERS = [
 
 PUBLIC_API = ("/api/health",)
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+# never counted against the in-flight cap: the page, its files and the liveness check are cheap
+# and must answer while uploads crowd the server
+ALWAYS_ON = ("/", "/api/health", "/docs", "/openapi.json")
+ALWAYS_ON_PREFIX = "/static/"
+MIN_BODY_RATE = 1024  # bytes/s: the slowest body accepted once it has taken body_timeout_s
+
+# a Host header is a name or an IP literal in brackets, then at most ":port"; anything else
+# ("[::1]evil.com", "localhost:80:80", "a b") is refused, not parsed leniently into a loopback name
+_HOST = re.compile(r"^(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<name>[A-Za-z0-9.-]+))(?::[0-9]{1,5})?$")
 
 
-def _host_only(host: str) -> str:
-    if host.startswith("["):
-        return host[: host.find("]") + 1] if "]" in host else host
-    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+def host_name(host: str) -> str | None:
+    """The host part of a ``Host`` header (``[::1]`` keeps its brackets), or None when the header
+    is not ``name[:port]`` / ``[ipv6][:port]``."""
+    m = _HOST.match(host)
+    if m is None:
+        return None
+    return f"[{m['v6']}]" if m["v6"] else m["name"]
+
+
+def timed_receive(receive, idle_s: float, min_rate: float = MIN_BODY_RATE):
+    """``receive`` with a read timeout while the request body arrives: 408 (and the connection
+    closed) when a part takes more than ``idle_s`` seconds, or when the body has averaged under
+    ``min_rate`` bytes/s after ``idle_s``. Once the body is complete it is ``receive`` itself
+    (Starlette then waits there for a disconnect, which may rightly take long)."""
+    done = False
+    received = 0
+    started: float | None = None
+
+    async def wrapped():
+        nonlocal done, received, started
+        if done:
+            return await receive()
+        if started is None:
+            started = time.monotonic()
+        try:
+            message = await asyncio.wait_for(receive(), idle_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body sent nothing for {idle_s:g} s; send it again "
+                                     "(a slow or stalled connection is cut off)", headers={"Connection": "close"}) from None
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True
+            return message
+        received += len(message.get("body", b""))
+        elapsed = time.monotonic() - started
+        if elapsed > idle_s and received < min_rate * elapsed:
+            raise HTTPException(408, f"the request body arrives at {received / elapsed:.0f} bytes/s, slower than the "
+                                     f"server accepts ({min_rate / 1024:g} KB/s after {idle_s:g} s); send it again over "
+                                     "a faster connection", headers={"Connection": "close"})
+        return message
+
+    return wrapped
 
 
 async def send_json(send, status: int, detail: str, code: str, extra_headers: list | None = None) -> None:
@@ -56,7 +115,7 @@ class SecurityMiddleware:
     def __init__(self, app, settings: ServeSettings, max_in_flight: int = 64):
         self.app = app
         self.settings = settings
-        self.token = settings.token.encode() if settings.token else None
+        self.token = settings.token.encode("utf-8") if settings.token else None
         self.loopback = is_loopback(settings.host)
         self.max_in_flight = max_in_flight
         self.in_flight = 0
@@ -66,9 +125,10 @@ class SecurityMiddleware:
             return await self.app(scope, receive, send)
         path = scope.get("path", "")
         method = scope.get("method", "GET")
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        raw = {k.lower(): v for k, v in scope.get("headers", [])}
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in raw.items()}
         host = headers.get("host", "")
-        if self.loopback and host and not is_loopback(_host_only(host)):
+        if self.loopback and host and not is_loopback(host_name(host) or ""):
             return await send_json(send, 421, f"this server answers to localhost only, not to Host {host!r}", "bad_host")
         origin = headers.get("origin")
         if origin and method not in SAFE_METHODS:
@@ -76,16 +136,19 @@ class SecurityMiddleware:
             if parts.netloc != host:
                 return await send_json(send, 403, f"cross-origin request from {origin} refused", "bad_origin")
         if self.token is not None and path.startswith("/api/") and path not in PUBLIC_API:
-            auth = headers.get("authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token):
+            # the header's own bytes against the token's UTF-8 bytes: no decoding that could make
+            # two different byte strings equal, or a valid token never match
+            scheme, _, given = raw.get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
                 return await send_json(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                                   "(the --token the server was started with)", "unauthorized",
                                        [(b"www-authenticate", b'Bearer realm="nerveseg"')])
-        if self.in_flight >= self.max_in_flight:
+        counted = not (method in SAFE_METHODS and (path in ALWAYS_ON or path.startswith(ALWAYS_ON_PREFIX)))
+        if counted and self.in_flight >= self.max_in_flight:
             return await send_json(send, 503, "the server is busy; try again in a moment", "busy", [(b"retry-after", b"2")])
-        self.in_flight += 1
+        self.in_flight += counted
         is_api = path.startswith("/api/")
+        receive = timed_receive(receive, self.settings.body_timeout_s)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -99,4 +162,4 @@ class SecurityMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            self.in_flight -= 1
+            self.in_flight -= counted

@@ -26,8 +26,13 @@ class Busy(Exception):
 
 @dataclass
 class WorkLimiter:
-    """Admits at most ``workers + max_queue`` segmentations at once (:meth:`slot`; more get
-    :class:`Busy`); the pool runs ``workers`` of them at a time, off the event loop."""
+    """Admits at most ``workers + max_queue`` heavy requests at once (:meth:`slot`; more get
+    :class:`Busy`) and runs them off the event loop, ``workers`` at a time in each of two pools:
+    segmentations (:meth:`run`), and the work whose memory grows with the frame's pixels
+    (:meth:`run_image`: PNGs of a frame, overlays, thumbnails, corrections, saves). Two pools, so
+    the page's images do not wait behind a long cine loop, yet no more than ``workers`` of them
+    hold a large frame's copies at once (without it, four thumbnails of a 7000x7000 frame at once
+    in Starlette's 40-thread pool took the server from 2.1 to 5.7 GB)."""
 
     workers: int
     max_queue: int
@@ -36,6 +41,12 @@ class WorkLimiter:
 
     def __post_init__(self) -> None:
         self.pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nerveseg-infer")
+        self.image_pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="nerveseg-image")
+
+    @property
+    def full(self) -> bool:
+        """Whether :meth:`slot` would refuse now (reserves nothing)."""
+        return self.admitted >= self.workers + self.max_queue
 
     @contextlib.asynccontextmanager
     async def slot(self):
@@ -52,6 +63,15 @@ class WorkLimiter:
     async def run(self, fn: Callable[..., Any], *args) -> Any:
         """Run ``fn`` in the inference pool (call inside :meth:`slot`)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def run_image(self, fn: Callable[..., Any], *args) -> Any:
+        """Admit (503 when full) and run ``fn`` in the image pool."""
+        async with self.slot():
+            return await asyncio.get_running_loop().run_in_executor(self.image_pool, fn, *args)
+
+    def shutdown(self) -> None:
+        for pool in (self.pool, self.image_pool):
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _torch_loader(settings: ServeSettings) -> Callable[[Path], object]:
@@ -70,11 +90,13 @@ class ServerState:
         # old vs new model on the run's validation pairs: the torch backend (the same function as
         # onnxruntime, tests/test_onnx.py) needs no ONNX export of the new weights first
         self.runner = FinetuneRunner(self.workspace.finetune,
-                                     compare=lambda base, new: compare_on_validation(base, new, _torch_loader(settings)))
+                                     compare=lambda base, new: compare_on_validation(base, new, _torch_loader(settings)),
+                                     keep=settings.keep_finetune_runs,
+                                     protected=lambda: (self.model.run_dir, self.model.original))
         self.limiter = WorkLimiter(settings.workers, settings.max_queue)
         self.upload_dir = Path(tempfile.mkdtemp(prefix="nerveseg-uploads-"))
 
     def close(self) -> None:
         self.runner.shutdown()
-        self.limiter.pool.shutdown(wait=False, cancel_futures=True)
+        self.limiter.shutdown()
         shutil.rmtree(self.upload_dir, ignore_errors=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from functools import partial
 from pathlib import Path
@@ -19,12 +18,13 @@ from ...inference.segment import SegmentOptions
 from ...io_utils import csv_text
 from .. import schemas
 from ..cases import Case, keep_region, new_case_id, segment_upload
-from ..images import NERVE, label_png, overlay_png, png_bytes, read_label_png, thumbnail_png
+from ..images import NERVE, label_png, overlay_png, png_bytes, read_label_png
 from ..media import display_name, receive_upload
+from ..state import Busy
 from ..workspace import PairExists
-from .common import case_json, get_case, get_frame_index, measurement_json, png, state, summary_json
+from .common import ERRORS, case_json, errors, get_case, get_frame_index, measurement_json, png, state, summary_json
 
-router = APIRouter(prefix="/api", tags=["cases"])
+router = APIRouter(prefix="/api", tags=["cases"], responses=ERRORS)
 
 UPLOAD_BODY = {
     "requestBody": {
@@ -34,8 +34,7 @@ UPLOAD_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-ERRORS = {400: {"model": schemas.Error}, 404: {"model": schemas.Error}, 413: {"model": schemas.Error},
-          415: {"model": schemas.Error}, 422: {"model": schemas.Error}, 503: {"model": schemas.Error}}
+CASE = errors(404)  # an unknown case id or frame
 
 
 def _spacing(mm_per_pixel: Optional[float], spacing: Optional[str]) -> Spacing | None:
@@ -48,7 +47,7 @@ def _spacing(mm_per_pixel: Optional[float], spacing: Optional[str]) -> Spacing |
     return spacing_from_user(mm_per_pixel, xy)
 
 
-@router.post("/cases", status_code=201, response_model=schemas.Case, responses=ERRORS, openapi_extra=UPLOAD_BODY,
+@router.post("/cases", status_code=201, response_model=schemas.Case, responses=errors(408, 413, 415), openapi_extra=UPLOAD_BODY,
              summary="Upload a file (image, DICOM, cine loop) and segment every frame")
 async def create_case(
     request: Request,
@@ -72,17 +71,21 @@ async def create_case(
     declared = request.headers.get("content-length")
     s = st.settings
     limits = {"image": s.max_image_bytes, "dicom": s.max_video_bytes, "video": s.max_video_bytes}
-    async with st.limiter.slot():
-        upload = await receive_upload(request.stream(), shown, st.upload_dir, case_id, limits,
-                                      int(declared) if declared and declared.isdigit() else None)
-        t_received = time.perf_counter()
-        try:
+    if st.limiter.full:  # refuse at once rather than after a long upload; nothing is reserved yet
+        raise Busy()
+    # the body first, then a slot: a client sending slowly holds its connection (the middleware
+    # cuts off a stalled or crawling body), never one of the limiter's few places
+    upload = await receive_upload(request.stream(), shown, st.upload_dir, case_id, limits,
+                                  int(declared) if declared and declared.isdigit() else None)
+    t_received = time.perf_counter()
+    try:
+        async with st.limiter.slot():
             predictor, label = st.model.current()
             case = await st.limiter.run(partial(
                 segment_upload, upload.path, shown, predictor, options, kind_group=upload.kind.group, model_label=label,
-                max_frames=s.max_frames, max_bytes=s.max_store_bytes, case_id=case_id))
-        finally:
-            upload.path.unlink(missing_ok=True)
+                max_frames=s.max_frames, max_bytes=s.max_store_bytes, max_pixels=s.max_pixels, case_id=case_id))
+    finally:
+        upload.path.unlink(missing_ok=True)
     st.store.add(case)
     body = case_json(case)
     total = (time.perf_counter() - t0) * 1000
@@ -96,12 +99,12 @@ def list_cases(request: Request):
     return [summary_json(c) for c in state(request).store.list()]
 
 
-@router.get("/cases/{case_id}", response_model=schemas.Case, responses=ERRORS, summary="A case with every frame's measurements")
+@router.get("/cases/{case_id}", response_model=schemas.Case, responses=CASE, summary="A case with every frame's measurements")
 def read_case(request: Request, case_id: str):
     return case_json(get_case(request, case_id))
 
 
-@router.delete("/cases/{case_id}", status_code=204, responses=ERRORS, summary="Forget a case")
+@router.delete("/cases/{case_id}", status_code=204, responses=CASE, summary="Forget a case")
 def delete_case(request: Request, case_id: str):
     get_case(request, case_id)
     state(request).store.remove(case_id)
@@ -112,53 +115,66 @@ def delete_case(request: Request, case_id: str):
 # images
 
 
-@router.get("/cases/{case_id}/frames/{index}/image.png", responses=ERRORS, summary="The frame as 8-bit grey PNG")
-def frame_image(request: Request, case_id: str, index: int):
+# Every image below is made in the limiter's image pool (at most --workers at once; 503 beyond
+# --max-queue): each costs memory in proportion to the frame's pixels.
+
+
+def _timed(fn):
+    def run():
+        t0 = time.perf_counter()
+        data = fn()
+        return data, (time.perf_counter() - t0) * 1000
+    return run
+
+
+@router.get("/cases/{case_id}/frames/{index}/image.png", responses=CASE, summary="The frame as 8-bit grey PNG")
+async def frame_image(request: Request, case_id: str, index: int):
     case = get_case(request, case_id)
-    t0 = time.perf_counter()
-    data = png_bytes(case.frames[get_frame_index(case, index)].image)
-    return png(data, (time.perf_counter() - t0) * 1000)
+    frame = case.frames[get_frame_index(case, index)]
+    return png(*await state(request).limiter.run_image(_timed(lambda: png_bytes(frame.image))))
 
 
-@router.get("/cases/{case_id}/frames/{index}/mask.png", responses=ERRORS,
+@router.get("/cases/{case_id}/frames/{index}/mask.png", responses=CASE,
             summary="The frame's mask: palette label map (0 background, 1 nerve, 2 vessel) or 0/255 nerve")
-def frame_mask(request: Request, case_id: str, index: int, format: Literal["labels", "binary"] = "labels",
-               download: bool = False):
+async def frame_mask(request: Request, case_id: str, index: int, format: Literal["labels", "binary"] = "labels",
+                     download: bool = False):
     case = get_case(request, case_id)
     frame = case.frames[get_frame_index(case, index)]
-    with case.lock:
-        labels = frame.labels.copy()
-    data = label_png(labels) if format == "labels" else png_bytes(((labels == NERVE) * 255).astype(np.uint8))
+
+    def encode() -> bytes:
+        labels = frame.labels  # replaced, never changed in place: no copy needed
+        return label_png(labels) if format == "labels" else png_bytes(((labels == NERVE) * 255).astype(np.uint8))
+
     name = f"{Path(case.name).stem}_f{index:05d}_mask.png" if download else None
-    return png(data, filename=name)
+    return png(await state(request).limiter.run_image(encode), filename=name)
 
 
-@router.get("/cases/{case_id}/frames/{index}/overlay.png", responses=ERRORS,
-            summary="The frame with the nerve (red) and vessels (blue) drawn on it")
-def frame_overlay(request: Request, case_id: str, index: int):
+@router.get("/cases/{case_id}/frames/{index}/overlay.png", responses=CASE,
+            summary="The frame with the nerve (red) and vessels (blue) drawn on it, at display size: the frame's own "
+                    "size up to 2048 pixels on its long side, shrunk to that beyond")
+async def frame_overlay(request: Request, case_id: str, index: int):
     case = get_case(request, case_id)
-    t0 = time.perf_counter()
     frame = case.frames[get_frame_index(case, index)]
-    with case.lock:
-        data = overlay_png(frame.image, frame.labels)
-    return png(data, (time.perf_counter() - t0) * 1000)
+    return png(*await state(request).limiter.run_image(_timed(lambda: overlay_png(frame.display, frame.labels))))
 
 
-@router.get("/cases/{case_id}/frames/{index}/probability.png", responses=ERRORS,
+@router.get("/cases/{case_id}/frames/{index}/probability.png", responses=CASE,
             summary="A class's probability as 8-bit grey (255 = 1.0)")
-def frame_probability(request: Request, case_id: str, index: int, cls: str = "nerve"):
+async def frame_probability(request: Request, case_id: str, index: int, cls: str = "nerve"):
     case = get_case(request, case_id)
     frame = case.frames[get_frame_index(case, index)]
     k = case.class_index(cls)
     if k is None:
         raise HTTPException(404, f"the model has no class {cls!r}; it has {', '.join(case.classes)}")
-    return png(png_bytes(np.round(frame.prob[k].astype(np.float32) * 255).astype(np.uint8)))
+    return png(await state(request).limiter.run_image(
+        lambda: png_bytes(np.round(frame.prob[k].astype(np.float32) * 255).astype(np.uint8))))
 
 
-@router.get("/cases/{case_id}/thumbnail.png", responses=ERRORS, summary="A small overlay of the first frame")
-def case_thumbnail(request: Request, case_id: str):
+@router.get("/cases/{case_id}/thumbnail.png", responses=CASE,
+            summary="A small overlay of the first frame (drawn once, again only when its mask changes)")
+async def case_thumbnail(request: Request, case_id: str):
     case = get_case(request, case_id)
-    return png(thumbnail_png(case.frames[0].image, case.frames[0].labels))
+    return png(await state(request).limiter.run_image(case.thumbnail))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -174,33 +190,36 @@ MASK_BODY = {
 }
 
 
-@router.put("/cases/{case_id}/frames/{index}/mask", response_model=schemas.Measurement, responses=ERRORS,
+@router.put("/cases/{case_id}/frames/{index}/mask", response_model=schemas.Measurement, responses=errors(404, 408, 413),
             openapi_extra=MASK_BODY, summary="Replace a frame's mask with a corrected one; returns its new measurements")
 async def put_mask(request: Request, case_id: str, index: int):
     st = state(request)
     case = get_case(request, case_id)
-    get_frame_index(case, index)
+    frame = case.frames[get_frame_index(case, index)]
+    # a label map of the frame's size compresses far below this; the decode itself is bounded
+    # by the frame's size (read_label_png checks the header first)
     limit = st.settings.max_image_bytes
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HTTPException(413, f"the mask is larger than the server's limit of {limit / 2**20:g} MB")
+            raise HTTPException(413, f"the mask is larger than the server's limit of {limit / 2**20:g} MB",
+                                headers={"Connection": "close"})
         chunks.append(chunk)
-    frame = case.frames[index]
-    labels = read_label_png(b"".join(chunks), f"mask for {case.name} frame {index}", frame.labels.shape)
+    data = b"".join(chunks)
+    del chunks
 
-    def apply() -> dict:
+    def apply() -> dict:  # decoding a mask of up to --max-megapixels pixels: off the event loop
+        labels = read_label_png(data, f"mask for {case.name} frame {index}", frame.labels.shape)
         with case.lock:
-            frame.labels = labels
-            frame.edited = True
+            frame.set_labels(labels, edited=True)
             case.measure(index)
             return measurement_json(case, index)
 
-    return await asyncio.to_thread(apply)
+    return await st.limiter.run_image(apply)
 
 
-@router.post("/cases/{case_id}/frames/{index}/keep", response_model=schemas.KeepResult, responses=ERRORS,
+@router.post("/cases/{case_id}/frames/{index}/keep", response_model=schemas.KeepResult, responses=CASE,
              summary="'Click the nerve': keep the nerve region at (x, y), or the most likely one near it; drop the rest")
 async def keep(request: Request, case_id: str, index: int, click: schemas.KeepRequest):
     st = state(request)
@@ -209,31 +228,36 @@ async def keep(request: Request, case_id: str, index: int, click: schemas.KeepRe
 
     def apply() -> dict:
         with case.lock:
-            try:
-                labels, action = keep_region(frame.labels, case.nerve_prob(frame), click.y, click.x, case.threshold)
+            nerve = case.class_index("nerve") or 0
+            try:  # the stored float16 probabilities, not a float32 copy of the whole frame
+                labels, action = keep_region(frame.labels, frame.prob[nerve], click.y, click.x, case.threshold)
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from None
-            frame.labels, frame.edited = labels, True
+            frame.set_labels(labels, edited=True)
             case.measure(index)
             return {"action": action, "measurement": measurement_json(case, index)}
 
-    return await asyncio.to_thread(apply)
+    return await st.limiter.run_image(apply)
 
 
-@router.post("/cases/{case_id}/frames/{index}/reset", response_model=schemas.Measurement, responses=ERRORS,
+@router.post("/cases/{case_id}/frames/{index}/reset", response_model=schemas.Measurement, responses=CASE,
              summary="Put back the model's own mask")
-def reset(request: Request, case_id: str, index: int):
+async def reset(request: Request, case_id: str, index: int):
     case = get_case(request, case_id)
     frame = case.frames[get_frame_index(case, index)]
-    with case.lock:
-        frame.labels, frame.edited = frame.predicted.copy(), False
-        case.measure(index)
-        return measurement_json(case, index)
+
+    def apply() -> dict:
+        with case.lock:
+            frame.set_labels(frame.predicted.copy(), edited=False)
+            case.measure(index)
+            return measurement_json(case, index)
+
+    return await state(request).limiter.run_image(apply)
 
 
-@router.post("/cases/{case_id}/scale", response_model=schemas.Case, responses=ERRORS,
+@router.post("/cases/{case_id}/scale", response_model=schemas.Case, responses=CASE,
              summary="Set the pixel size: a number, or a line over the depth ruler and its length in mm")
-def set_scale(request: Request, case_id: str, scale: schemas.ScaleRequest):
+async def set_scale(request: Request, case_id: str, scale: schemas.ScaleRequest):
     case = get_case(request, case_id)
     if scale.mm_per_pixel is not None:
         spacing = spacing_from_user(scale.mm_per_pixel)
@@ -250,11 +274,15 @@ def set_scale(request: Request, case_id: str, scale: schemas.ScaleRequest):
                               f"outside {MIN_MM_PER_PIXEL:g}-{MAX_MM_PER_PIXEL:g} mm; draw it along the ruler over a "
                               "known length and give that length in mm")
         spacing = Spacing(size, size, f"user scale line: {scale.length_mm:g} mm over {pixels:.1f} px (square pixels assumed)")
-    case.set_spacing(spacing)
-    return case_json(case)
+
+    def apply() -> dict:  # every frame re-measured
+        case.set_spacing(spacing)
+        return case_json(case)
+
+    return await state(request).limiter.run_image(apply)
 
 
-@router.put("/cases/{case_id}/tags", response_model=schemas.Case, responses=ERRORS,
+@router.put("/cases/{case_id}/tags", response_model=schemas.Case, responses=CASE,
             summary="Tag a case for the carpal tunnel screening: subject, wrist/forearm, side")
 def set_tags(request: Request, case_id: str, tags: schemas.Tags):
     case = get_case(request, case_id)
@@ -262,7 +290,7 @@ def set_tags(request: Request, case_id: str, tags: schemas.Tags):
     return case_json(case)
 
 
-@router.get("/cases/{case_id}/measurements.csv", responses=ERRORS, summary="The case's measurements as CSV")
+@router.get("/cases/{case_id}/measurements.csv", responses=CASE, summary="The case's measurements as CSV")
 def case_csv(request: Request, case_id: str):
     case = get_case(request, case_id)
     text = csv_text((f.row for f in case.frames), MEASUREMENT_FIELDS)  # the file name escaped for spreadsheets
@@ -270,20 +298,27 @@ def case_csv(request: Request, case_id: str):
                     headers={"Content-Disposition": f'attachment; filename="{Path(case.name).stem}_measurements.csv"'})
 
 
-@router.post("/cases/{case_id}/save", response_model=schemas.SaveResult, responses={**ERRORS, 409: {"model": schemas.Error}},
+@router.post("/cases/{case_id}/save", response_model=schemas.SaveResult, responses=errors(404, 409),
              summary="Save frames as training pairs in the workspace (never overwrites unless asked)")
-def save_case(request: Request, case_id: str, body: schemas.SaveRequest = Body(default_factory=schemas.SaveRequest)):
+async def save_case(request: Request, case_id: str, body: schemas.SaveRequest = Body(default_factory=schemas.SaveRequest)):
     st = state(request)
     case = get_case(request, case_id)
-    indices = body.frames if body.frames is not None else list(range(len(case.frames)))
+    n = len(case.frames)
+    indices = body.frames if body.frames is not None else list(range(n))
+    if len(indices) > n:  # e.g. [0] * 300: never 300 rewrites of one pair under the workspace lock
+        raise HTTPException(422, f"{len(indices)} frame indices for {case.name}, which has {n} frame(s); "
+                                 "list each frame to save once")
     for i in indices:
         get_frame_index(case, i)
-    saved = []
-    with case.lock:
-        for i in indices:
+    indices = list(dict.fromkeys(indices))  # each pair written once, in the order given
+
+    def apply() -> list[dict]:
+        with case.lock:
             try:
-                saved.append(st.workspace.save(case, i, overwrite=body.overwrite))
+                return st.workspace.save_frames(case, indices, overwrite=body.overwrite)
             except PairExists as exc:
-                raise HTTPException(409, f"{case.name} frame {i} is already in the workspace as {exc.stem}; "
-                                         "save with overwrite to replace it") from None
+                raise HTTPException(409, f"{case.name} frame {exc.index} is already in the workspace as {exc.stem}; "
+                                         "save with overwrite to replace it (nothing was saved)") from None
+
+    saved = await st.limiter.run_image(apply)
     return {"saved": saved, "workspace_pairs": len(st.workspace.pairs())}

@@ -7,10 +7,34 @@ import re
 from fastapi import HTTPException, Request
 from fastapi.responses import Response
 
+from .. import schemas
 from ..cases import CASE_ID_PATTERN, Case
 from ..state import ServerState
 
 _CASE_ID = re.compile(CASE_ID_PATTERN)
+
+# Every error is the JSON {detail, code} of app.py's handlers, never FastAPI's default array of
+# validation errors: the OpenAPI schema says so for each status an operation can answer.
+_ERROR_TEXT = {
+    401: "missing or wrong token (only when the server was started with --token)",
+    404: "unknown case, frame, class or job",
+    408: "the request body stalled or arrived too slowly; the connection is closed",
+    409: "conflict: the pair is already in the workspace (save with overwrite), or a fine-tuning job is running",
+    413: "larger than the server's limits: the upload (--max-image-mb / --max-video-mb), a frame (--max-megapixels), "
+         "or the mask",
+    415: "the body is no file type nerveseg reads (decided from its bytes)",
+    422: "invalid request or unreadable input: what is wrong and how to fix it",
+    501: "this nerveseg cannot fine-tune (its train has no --init-from)",
+    503: "busy: try again after Retry-After seconds",
+}
+
+
+def errors(*statuses: int) -> dict:
+    """OpenAPI ``responses`` for these error statuses, each with the body :class:`schemas.Error`."""
+    return {s: {"model": schemas.Error, "description": _ERROR_TEXT[s]} for s in statuses}
+
+
+ERRORS = errors(401, 422, 503)  # any API call: the token, a bad parameter or body, a full server
 
 
 def state(request: Request) -> ServerState:

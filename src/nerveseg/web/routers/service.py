@@ -12,11 +12,11 @@ from fastapi.responses import Response
 from ... import __version__
 from ...clinical.screening import Cutoffs
 from .. import schemas
-from ..jobs import JobBusy, finetune_command, job_json, train_supports_init_from
+from ..jobs import JobBusy, finetune_command, job_json, plan_validation, train_supports_init_from
 from ..report import screening
-from .common import state
+from .common import ERRORS, errors, state
 
-router = APIRouter(prefix="/api", tags=["service"])
+router = APIRouter(prefix="/api", tags=["service"], responses=ERRORS)
 
 
 @router.get("/health", response_model=schemas.Health, summary="Liveness (no token needed)")
@@ -36,7 +36,7 @@ def model(request: Request):
     return {**st.model.info, "in_use": str(st.model.run_dir), "offers": offers}
 
 
-@router.post("/model", summary="Switch the session's model to the original or a finished fine-tuning run")
+@router.post("/model", responses=errors(404), summary="Switch the session's model to the original or a finished fine-tuning run")
 async def switch_model(request: Request, body: schemas.ModelSwitchRequest):
     st = state(request)
     if body.run == "original":
@@ -54,7 +54,10 @@ async def switch_model(request: Request, body: schemas.ModelSwitchRequest):
 def workspace(request: Request):
     ws = state(request).workspace
     pairs = ws.pairs()
-    return {"root": str(ws.root), "pairs": len(pairs), "stems": pairs[-50:],
+    corrected = ws.corrected_stems()
+    uncorrected = sum(1 for p in pairs if not corrected.get(p, True))
+    return {"root": str(ws.root), "pairs": len(pairs), "corrected": len(pairs) - uncorrected, "uncorrected": uncorrected,
+            "stems": pairs[-50:],
             "train_command": f"nerveseg train --init-from default --data {ws.root} --label 1 --out RUN"}
 
 
@@ -90,7 +93,7 @@ def finetune_jobs(request: Request):
             "jobs": [job_json(j) for j in st.runner.jobs.values()]}
 
 
-@router.post("/finetune", status_code=202, summary="Fine-tune the current model on the workspace's pairs in the background")
+@router.post("/finetune", status_code=202, responses=errors(409, 501), summary="Fine-tune the current model on the workspace's pairs in the background")
 def start_finetune(request: Request, body: schemas.FinetuneRequest = Body(default_factory=schemas.FinetuneRequest)):
     st = state(request)
     pairs = len(st.workspace.pairs())
@@ -101,14 +104,20 @@ def start_finetune(request: Request, body: schemas.FinetuneRequest = Body(defaul
     epochs = body.epochs or st.settings.finetune_epochs
     base = st.model.run_dir
     size = st.model.predictor.config.preprocess.size
+    corrected = st.workspace.corrected_stems()
+    # one subject (one saved case, say) cannot be split into training and validation: such a
+    # workspace trains without a held-out check, and the job says so, rather than failing
+    plan = plan_validation(st.workspace.root, corrected)
     try:
-        job = st.runner.start(base, epochs, build=lambda out: finetune_command(base, st.workspace.root, out, epochs, size))
+        job = st.runner.start(base, epochs, plan=plan, corrected=corrected,
+                              build=lambda out: finetune_command(base, st.workspace.root, out, epochs, size,
+                                                                 held_out=plan["held_out"]))
     except JobBusy as exc:
         raise HTTPException(409, f"fine-tuning job {exc} is still running; one job at a time") from None
     return job_json(job)
 
 
-@router.get("/finetune/{job_id}", summary="A fine-tuning job's progress, log tail and result")
+@router.get("/finetune/{job_id}", responses=errors(404), summary="A fine-tuning job's progress, log tail and result")
 def finetune_status(request: Request, job_id: str):
     job = state(request).runner.jobs.get(job_id)
     if job is None:
@@ -116,7 +125,7 @@ def finetune_status(request: Request, job_id: str):
     return job_json(job)
 
 
-@router.post("/finetune/{job_id}/cancel", summary="Stop a running fine-tuning job")
+@router.post("/finetune/{job_id}/cancel", responses=errors(404), summary="Stop a running fine-tuning job")
 def finetune_cancel(request: Request, job_id: str):
     st = state(request)
     if job_id not in st.runner.jobs:

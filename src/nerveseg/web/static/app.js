@@ -700,7 +700,12 @@ async function save(all = false, overwrite = false) {
   try {
     await sending;
     const r = await postJSON(`/api/cases/${c.id}/save`, { frames, overwrite });
-    $("save-status").textContent = `Saved ${r.saved.map((s) => s.image).join(", ")}; the workspace holds ${r.workspace_pairs} pair(s).`;
+    // a mask saved as the model made it is marked so (manifest.csv: corrected = no): it teaches
+    // the model nothing new, and a validation figure on it is the model agreeing with itself
+    const uncorrected = r.saved.filter((s) => !s.corrected).length;
+    $("save-status").textContent = `Saved ${r.saved.map((s) => s.image).join(", ")}` +
+      (uncorrected ? ` (${uncorrected === r.saved.length ? "" : uncorrected + " of them "}the model's own mask, not corrected)` : "") +
+      `; the workspace holds ${r.workspace_pairs} pair(s).`;
     const fresh = await apiJSON(`/api/cases/${c.id}`);
     S.cases.set(c.id, fresh);
     if (S.current && S.current.id === c.id) { S.current = fresh; showMeasurements(); }
@@ -825,7 +830,8 @@ async function refreshFinetune() {
   try {
     const r = await apiJSON("/api/finetune");
     const ws = await apiJSON("/api/workspace");
-    $("ft-info").textContent = `Workspace ${ws.root}: ${ws.pairs} corrected pair(s).` +
+    $("ft-info").textContent = `Workspace ${ws.root}: ${ws.pairs} pair(s)` +
+      (ws.uncorrected ? ` (${ws.corrected} corrected by hand, ${ws.uncorrected} the model's own mask)` : "") + "." +
       (r.available ? "" : " This nerveseg's train has no --init-from: fine-tuning unavailable.");
     const running = r.jobs.find((j) => j.state === "running" || j.state === "evaluating");
     $("ft-start").disabled = !r.available || ws.pairs < 1 || !!running;
@@ -837,8 +843,28 @@ async function startFinetune() {
   try {
     const job = await postJSON("/api/finetune", { epochs: parseInt($("ft-epochs").value, 10) || 10 });
     $("ft-start").disabled = true;
+    $("ft-result").replaceChildren();
     pollJob(job.id);
   } catch (err) { showError(err.message); }
+}
+
+async function stopFinetune() {
+  const id = $("ft-stop").dataset.job;
+  if (!id) return;
+  $("ft-stop").disabled = true;
+  try {
+    await apiJSON(`/api/finetune/${id}/cancel`, { method: "POST" });
+    pollJob(id);
+  } catch (err) { showError(err.message); $("ft-stop").disabled = false; }
+}
+
+function validationText(j) {
+  // what the Dice figure is: held-out workspace pairs (some maybe the model's own masks), or none
+  const v = j.validation || {};
+  if (v.held_out === false) return ", no held-out check";
+  if (j.best_val_dice === null) return "";
+  const n = v.val_images ? ` on ${v.val_images} held-out pair(s)` : "";
+  return `, best validation Dice ${j.best_val_dice.toFixed(3)}${n}`;
 }
 
 function pollJob(id) {
@@ -848,9 +874,14 @@ function pollJob(id) {
       const j = await apiJSON(`/api/finetune/${id}`);
       const bar = $("ft-progress");
       bar.hidden = false; bar.value = j.progress;
-      const best = j.best_val_dice !== null ? `, best validation Dice ${j.best_val_dice.toFixed(3)}` : "";
-      $("ft-status").textContent = `Job ${j.id}: ${j.state}, epoch ${j.epochs_done} / ${j.epochs}${best}, ${Math.round(j.seconds)} s`;
+      $("ft-status").textContent = `Job ${j.id}: ${j.state === "cancelled" ? "stopped" : j.state}, ` +
+        `epoch ${j.epochs_done} / ${j.epochs}${validationText(j)}, ${Math.round(j.seconds)} s`;
+      $("ft-note").textContent = (j.validation && j.validation.note) || "";
+      const stop = $("ft-stop");
+      stop.hidden = j.state !== "running";
+      stop.dataset.job = j.id;
       if (j.state === "running" || j.state === "evaluating") { S.jobPoll = setTimeout(tick, 2000); return; }
+      stop.disabled = false;
       S.jobPoll = null;
       showJobResult(j);
       refreshFinetune();
@@ -867,12 +898,18 @@ function showJobResult(j) {
     const pre = document.createElement("pre"); pre.className = "log"; pre.textContent = j.log_tail; out.append(pre);
     return;
   }
+  if (j.state === "cancelled") {
+    const p = document.createElement("p"); p.className = "muted";
+    p.textContent = "Stopped: the run was not finished, so there is no model to use.";
+    out.append(p);
+    return;
+  }
   if (j.state !== "finished") return;
   const cmp = j.comparison || {};
   if (cmp.old && cmp.new) {
     const t = document.createElement("table");
     t.className = "compare";
-    t.innerHTML = "<thead><tr><th></th><th>Dice on the run's validation images</th></tr></thead>";
+    t.innerHTML = "<thead><tr><th></th><th>Dice on the run's held-out workspace pairs</th></tr></thead>";
     const tb = document.createElement("tbody");
     for (const [label, s] of [["current model", cmp.old], ["fine-tuned", cmp.new]]) {
       const tr = document.createElement("tr");
@@ -941,6 +978,7 @@ function wire() {
   $("report").addEventListener("click", showReport);
   for (const id of ["tag-subject", "tag-region", "tag-side"]) $(id).addEventListener("change", saveTags);
   $("ft-start").addEventListener("click", startFinetune);
+  $("ft-stop").addEventListener("click", stopFinetune);
   $("token-form").addEventListener("submit", (e) => {
     e.preventDefault();
     S.token = $("token-input").value.trim();
