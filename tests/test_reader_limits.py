@@ -51,7 +51,7 @@ def test_too_many_frames_are_refused_before_decoding(loop_1001):
     t0 = time.perf_counter()
     with pytest.raises(InputError) as info:
         read_media(loop_1001, max_frames=1000)  # refused on opening, where a video is not decoded
-    assert time.perf_counter() - t0 < 2.0  # the server spent 130 s of CPU on the first 1000 frames
+    assert time.perf_counter() - t0 < 15.0  # not a speed test: the server spent 130 s of CPU on the first 1000 frames
     message = str(info.value)
     assert "loop1001.mp4" in message and "1,001 frames" in message and "the limit is 1,000" in message
     assert "split the cine loop" in message
@@ -65,7 +65,7 @@ def test_the_servers_advice_replaces_the_default(loop_1001):
 def test_a_loop_within_the_limit_opens_without_decoding(loop_1001):
     t0 = time.perf_counter()
     loop = read_media(loop_1001, max_frames=1001)
-    assert loop.n_frames == 1001 and time.perf_counter() - t0 < 2.0
+    assert loop.n_frames == 1001 and time.perf_counter() - t0 < 15.0  # nothing decoded (reliability.py times it)
     assert next(loop.frames()).shape == (32, 32)
 
 
@@ -119,7 +119,7 @@ def test_a_20k_vertex_polygon_is_filled_fast_with_the_right_area(tmp_path):
     path = _document(tmp_path / "circle.json", [points.tolist()])
     t0 = time.perf_counter()
     mask = read_labelme_mask(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # not a speed test: the old fill took 40 s (reliability.py times it)
     assert abs(int(mask.sum()) - np.pi * 200**2) < 0.002 * np.pi * 200**2
     disk = np.zeros_like(mask)
     rr, cc = draw.disk((256, 256), 200, shape=mask.shape)
@@ -139,7 +139,7 @@ def test_a_20k_vertex_rectangle_is_exactly_its_pixels(tmp_path):
     path = _document(tmp_path / "rectangle.json", [points.tolist()])
     t0 = time.perf_counter()
     mask = read_labelme_mask(path)
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 10.0  # not a speed test: the old fill took 40 s (reliability.py times it)
     expected = np.zeros((512, 512), bool)
     expected[100:301, 50:451] = True
     assert np.array_equal(mask, expected)
@@ -187,7 +187,7 @@ def test_a_polygon_zigzagging_over_the_image_is_refused_quickly(tmp_path):
     t0 = time.perf_counter()
     with pytest.raises(InputError, match="cross the image rows") as info:
         read_labelme_mask(path)
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 15.0  # not a speed test (reliability.py times it)
     assert "zigzag.json" in str(info.value) and "shape 0" in str(info.value)
 
 

@@ -703,7 +703,7 @@ def video_info(path: str | Path) -> dict:
 
 
 def _too_many_frames(path: str | Path, max_frames: int, fix: str | None, count: int | None = None) -> InputError:
-    frames = f"{count:,} frames" if count is not None else f"more than {max_frames:,} frames"
+    frames = f"{count:,} frames, more than {max_frames:,} frames" if count is not None else f"more than {max_frames:,} frames"
     return InputError(path, f"is a cine loop of {frames}; the limit is {max_frames:,}",
                       fix or f"split the cine loop into loops of at most {max_frames:,} frames")
 

@@ -229,7 +229,10 @@ def segment_upload(
     try:
         if max_pixels is not None:
             check_pixels(header_size(path, kind_group), max_pixels, name)
-        media = read_media(path)
+        # the container's frame count is checked before any frame is decoded: a 28 KB loop of 1,001
+        # tiny frames would otherwise cost minutes of segmenting before the count was passed
+        media = read_media(path, max_frames=max_frames,
+                           frames_fix="split the cine loop, or start the server with a higher --max-frames")
         if max_pixels is not None and media.kind == "video":
             check_pixels((media.meta.get("width") or 0, media.meta.get("height") or 0), max_pixels, name)
         frames_iter, meta = media.frames(), media.meta
