@@ -25,12 +25,10 @@ case, its peak RSS measured.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import io
 import json
 import math
-import os
 import subprocess
 import sys
 import tempfile

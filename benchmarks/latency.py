@@ -98,14 +98,15 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inducto
     feed = {"image": x.numpy()}
     for level in ("ORT_ENABLE_ALL", "ORT_ENABLE_EXTENDED", "ORT_ENABLE_BASIC"):
         session = ort_session(path, threads, level)
-        results[f"onnxruntime fp32 {level}"] = median_ms(lambda: session.run(None, feed), repeats)
+        results[f"onnxruntime fp32 {level}"] = median_ms(lambda session=session: session.run(None, feed), repeats)
     default_level = ORT_LEVEL_BY_ARCH.get(arch, DEFAULT_ORT_LEVEL)
     fps_path, fps_native = path, False
     if arch == "sa_unet" and native_available():
         fused = export_onnx(create(arch).eval(), tmp / f"{arch}-native.onnx", native_saconv=True)
         for level in ("ORT_ENABLE_EXTENDED", "ORT_ENABLE_ALL"):
             session = ort_session(fused, threads, level, native_ops=True)
-            results[f"onnxruntime fp32 native SAConv operators {level}"] = median_ms(lambda: session.run(None, feed), repeats)
+            results[f"onnxruntime fp32 native SAConv operators {level}"] = median_ms(
+                lambda session=session: session.run(None, feed), repeats)
         del session
         fps_path, fps_native = fused, True
     if arch == "sa_unet":
@@ -121,7 +122,7 @@ def inference_variants(arch: str, threads: int, repeats: int, tmp: Path, inducto
     session = ort_session(fps_path, threads, default_level, native_ops=fps_native)
     for h, w in ((442, 565), (576, 864)):
         frame = {"image": np.random.default_rng(0).standard_normal((1, 1, h, w), dtype=np.float32)}
-        fps[f"{h}x{w}"] = 1000 / median_ms(lambda: session.run(None, frame), repeats)
+        fps[f"{h}x{w}"] = 1000 / median_ms(lambda frame=frame: session.run(None, frame), repeats)
     return {"latency_ms_512": results, "fps_onnxruntime": fps, "fps_path": "native SAConv operators" if fps_native else default_level}
 
 
@@ -186,7 +187,7 @@ def training_throughput(arch: str, repeats: int) -> dict:
             x = x.contiguous(memory_format=torch.channels_last)
         opt = torch.optim.Adam(model.parameters(), lr=5e-4)
 
-        def step():
+        def step(model=model, x=x, y=y, opt=opt, amp=amp):  # bound now: timed within this iteration
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
                 logits = model(x)
             loss = soft_dice_loss(logits, y)

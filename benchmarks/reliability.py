@@ -64,8 +64,7 @@ def _dataset(rows: int, cols: int, frames: int | None, samples: int, bits: int, 
              delta_cm: float | None = None):
     """An ultrasound data set without pixel data (the caller adds or streams it)."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UltrasoundImageStorage,
-                             generate_uid)
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
 
     meta = FileMetaDataset()
     meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian if deflated else ExplicitVRLittleEndian

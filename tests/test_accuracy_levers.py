@@ -14,7 +14,7 @@ from PIL import Image
 from nerveseg.cli.main import build_parser, main
 from nerveseg.config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
 from nerveseg.data.augment import augment_batch
-from nerveseg.data.preprocess import letterbox, mirror_content, to_network_input
+from nerveseg.data.preprocess import mirror_content, to_network_input
 from nerveseg.errors import ConfigError, InputError
 from nerveseg.inference.onnx_backend import OnnxPredictor, load_predictor
 from nerveseg.inference.predictor import EnsemblePredictor, Predictor, keep_largest_region
@@ -313,9 +313,9 @@ def _two_class_run_config(data, **train):
 
 def test_multiclass_evaluation_matches_monai(tmp_path):
     monai_metrics = pytest.importorskip("monai.metrics")
-    from nerveseg.evaluation.evaluate import evaluate_samples
-    from nerveseg.data.samples import discover_samples
     from nerveseg.data.io import read_image, read_mask
+    from nerveseg.data.samples import discover_samples
+    from nerveseg.evaluation.evaluate import evaluate_samples
 
     data = write_two_class_dataset(tmp_path / "data")
     predictor = Predictor(_Asymmetric(), _config(), device="cpu")
@@ -549,10 +549,10 @@ def test_low_confidence_cut_comes_from_the_model_unless_given(tmp_path):
     d["inference"]["threshold"] = float(np.quantile(Predictor.from_run(run, device="cpu").predict(
         image.astype(np.float32) / 255), 0.7))  # a non-empty mask, so there is a confidence to flag
 
-    def row(cut_in_model, options=SegmentOptions(), name="seg"):
+    def row(cut_in_model, options=None, name="seg"):
         d["inference"]["low_confidence"] = cut_in_model
         (run / "config.json").write_text(json.dumps(d))
-        segment_files([tmp_path / "a.png"], Predictor.from_run(run, device="cpu"), tmp_path / name, options,
+        segment_files([tmp_path / "a.png"], Predictor.from_run(run, device="cpu"), tmp_path / name, options or SegmentOptions(),
                       log=lambda m: None)
         with open(tmp_path / name / "measurements.csv", newline="") as f:
             return next(_csv.DictReader(f))

@@ -17,7 +17,7 @@ from PIL import Image
 from nerveseg.cli import main
 from nerveseg.errors import InputError
 from nerveseg.inference.archive import collect
-from nerveseg.inference.segment import plan_inputs, read_input_list, shard_file_names, shard_of, segment_files
+from nerveseg.inference.segment import plan_inputs, read_input_list, segment_files, shard_file_names, shard_of
 from test_batch_semantics import CountingPredictor
 from test_segment_media import DiscPredictor, _write_cine
 

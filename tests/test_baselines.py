@@ -105,7 +105,7 @@ def test_unet_pp_deep_supervision_gives_one_logit_map(deep_supervision, heads):
     x = torch.randn(2, 1, 32, 48)  # already divisible: forward == forward_padded
     with torch.no_grad():
         logits = model.head_logits(x)
-        assert len(logits) == heads and all(l.shape == (2, 1, 32, 48) for l in logits)
+        assert len(logits) == heads and all(h.shape == (2, 1, 32, 48) for h in logits)
         torch.testing.assert_close(model(x), torch.stack(logits).mean(dim=0))
 
 

@@ -128,7 +128,7 @@ def test_exit_codes_are_in_the_help(capsys):
 
 def test_resume_skips_complete_inputs_and_keeps_every_row(tmp_path):
     folder = tmp_path / "in"
-    paths = _images(folder, 5)
+    _images(folder, 5)
     _write_cine(folder / "loop.mp4", 4)
     out = tmp_path / "out"
     full = CountingPredictor()

@@ -131,9 +131,9 @@ def test_export_nnunet_writes_raw_format_with_our_folds(tmp_path):
     import json
 
     import numpy as np
-    from conftest import write_ellipse_dataset
     from PIL import Image
 
+    from conftest import write_ellipse_dataset
     from nerveseg.data import discover_samples, split_samples
 
     data = write_ellipse_dataset(tmp_path / "data", 10)

@@ -72,8 +72,8 @@ print("done", flush=True)
 
 def _check_run_folder_usable(run: Path) -> str:
     """Every file under a final name is whole; return what state the kill left."""
-    from nerveseg.training.checkpoint import load_training_state, load_weights
     from nerveseg.models import create
+    from nerveseg.training.checkpoint import load_training_state, load_weights
 
     if not run.exists():
         return "nothing written"
@@ -272,7 +272,6 @@ def test_full_disk_during_train_is_a_clear_error_and_the_run_resumes(tmp_path, m
 
 def test_full_disk_through_the_train_command_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     from conftest import write_ellipse_dataset
-
     from nerveseg.cli.main import main
 
     data = write_ellipse_dataset(tmp_path / "data", 8, height=40, width=50)

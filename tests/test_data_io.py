@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nerveseg.data import io as dio
 from nerveseg.data import check_mask_not_empty, image_size, read_image, read_mask
+from nerveseg.data import io as dio
 from nerveseg.errors import InputError
 
 # ITU-R 601-2 luminance, hand-computed: what one RGB pixel must become.

@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
 
+from conftest import write_ellipse_dataset
 from nerveseg.cli.main import main
 from nerveseg.config import DataConfig, RunConfig
 from nerveseg.data.samples import Sample, discover_datasets, fold_assignment, source_names, split_samples
 from nerveseg.errors import ConfigError, InputError
-
-from conftest import write_ellipse_dataset
 
 
 def _with_manifest(root: Path, subjects: list[str]) -> Path:

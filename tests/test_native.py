@@ -23,7 +23,6 @@ from nerveseg.inference.predictor import Predictor  # noqa: E402
 from nerveseg.io_utils import atomic_write_json  # noqa: E402
 from nerveseg.models.blocks import SAConv  # noqa: E402
 from nerveseg.training.checkpoint import save_weights  # noqa: E402
-
 from test_onnx import SMALL, _inputs, _model  # noqa: E402
 
 try:

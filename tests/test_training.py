@@ -111,7 +111,6 @@ def _config(data_dir, epochs: int, lr: float = 2e-3) -> RunConfig:
 @pytest.mark.slow
 def test_short_training_learns_noisy_ellipses(tmp_path):
     from conftest import write_ellipse_dataset
-
     from nerveseg.evaluation.evaluate import evaluate_run
 
     data = write_ellipse_dataset(tmp_path / "data", 16)
@@ -280,7 +279,6 @@ def test_ema_run_saves_the_average_and_resumes_exactly(tmp_path):
 
 def test_resuming_an_ema_run_needs_its_average(tmp_path):
     from conftest import write_ellipse_dataset
-
     from nerveseg.errors import InputError
 
     data = write_ellipse_dataset(tmp_path / "data", 8)

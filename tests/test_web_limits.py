@@ -30,7 +30,6 @@ from PIL import Image
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[test]'")
 
 import uvicorn  # noqa: E402
-from test_web_api import TwoDiscs, assert_error, grey, make_client, png_bytes, upload  # noqa: E402
 
 from nerveseg.config import RunConfig  # noqa: E402
 from nerveseg.data.samples import read_manifest  # noqa: E402
@@ -39,6 +38,7 @@ from nerveseg.examples import examples_dir  # noqa: E402
 from nerveseg.web import ServeSettings, create_app  # noqa: E402
 from nerveseg.web.jobs import FinetuneRunner, Job, finetune_command, job_json, plan_validation  # noqa: E402
 from nerveseg.web.server import uvicorn_config  # noqa: E402
+from test_web_api import TwoDiscs, assert_error, grey, make_client, png_bytes, upload  # noqa: E402
 
 MB = 2**20
 
@@ -433,8 +433,9 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 def test_corrected_mask_is_decoded_off_the_event_loop_and_never_beyond_the_frame(tmp_path, monkeypatch):
-    import nerveseg.web.routers.cases as routes
     from PIL import ImageFile
+
+    import nerveseg.web.routers.cases as routes
 
     threads = []
     real = routes.read_label_png

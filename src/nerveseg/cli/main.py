@@ -72,10 +72,9 @@ def _names(text: str) -> tuple[str, ...]:
 
 def _train_config(args: argparse.Namespace):
     """The run configuration: the recipe's values, then every flag given explicitly."""
+    from ..models import has_pretrained_encoder
     from ..training.recipes import FINE_TUNE_LR, build_run_config
     from ..training.trainer import resolve_init_from
-
-    from ..models import has_pretrained_encoder
 
     arch = args.arch or build_run_config(args.recipe).model.arch
     encoder_weights = args.encoder_weights
@@ -355,7 +354,6 @@ exit status:
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..config import PreprocessConfig, TrainConfig
     from ..evaluation.benchmark import BenchmarkConfig, parse_shard, run_benchmark
-
     from ..training.recipes import recipe_values
 
     # the recipe's training fields, then every flag given. The checkpoint is always the last epoch:

@@ -116,7 +116,7 @@ def screen(manifest_path: str | Path, measurements_path: str | Path, cutoffs: Cu
         with open(measurements_path, newline="", encoding="utf-8") as f:
             measurements = [csv_values(row) for row in csv.DictReader(f)]
     except OSError as exc:
-        raise InputError(measurements_path, f"cannot read ({exc})", "pass the measurements.csv written by `nerveseg segment`")
+        raise InputError(measurements_path, f"cannot read ({exc})", "pass the measurements.csv written by `nerveseg segment`") from None
     if measurements and not {"file", "area_mm2"} <= set(measurements[0]):
         raise InputError(measurements_path, "missing the columns file and area_mm2", "use the measurements.csv of `nerveseg segment`")
     areas: dict[tuple[str, str, str], list[float]] = defaultdict(list)

@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-
 # per-sample probabilities of the nnU-Net-kind transforms (nnU-Net v2's defaults where it has them)
 P_ROTATE, P_ELASTIC, P_BRIGHTNESS, P_NOISE, P_BLUR, P_LOWRES = 0.5, 0.3, 0.15, 0.15, 0.2, 0.25
 ROTATE_DEGREES = 15.0

@@ -16,6 +16,8 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from nerveseg.data.labelme import read_labelme_mask
+from nerveseg.data.limits import MAX_IMAGE_PIXELS
 from nerveseg.errors import InputError
 
 __all__ = [
@@ -38,10 +40,8 @@ MASK_EXTENSIONS: tuple[str, ...] = (".png", ".tif", ".tiff", ".bmp", ".json")
 
 _JPEG_EXTENSIONS = (".jpg", ".jpeg")
 
-MAX_IMAGE_PIXELS: int = 50_000_000
-"""Largest image (height * width) that is decoded. Ultrasound frames are well under 1e7 pixels;
-anything larger is a mistake (a whole-slide scan, a stitched panorama) or a decompression bomb,
-and would exhaust memory once converted to float and batched."""
+# MAX_IMAGE_PIXELS (imported above from nerveseg.data.limits, where labelme reads it too): the largest
+# image (height * width) that is decoded; this module's functions read this module's name.
 
 # Luminance weights of ITU-R 601-2, the ones PIL's convert("L") uses, but applied in float so that
 # no precision is lost to PIL's integer rounding.
@@ -334,8 +334,6 @@ def read_mask(
     is_json = suffix == ".json"
     norm = _normalise_label(path, label, is_json)
     if is_json:
-        from nerveseg.data.labelme import read_labelme_mask  # local: labelme imports this module
-
         mask = read_labelme_mask(path, label=norm)  # type: ignore[arg-type]
     else:
         mask = _raster_mask(path, norm)  # type: ignore[arg-type]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from skimage import draw, measure
 
-from nerveseg.data.io import MAX_IMAGE_PIXELS
+from nerveseg.data.limits import MAX_IMAGE_PIXELS
 from nerveseg.errors import InputError
 from nerveseg.io_utils import atomic_write_json
 

@@ -14,8 +14,7 @@ the file and saying what to do.
 DICOM decoding is pydicom's, with the pylibjpeg plugins: pylibjpeg-libjpeg for JPEG Baseline,
 Extended (12-bit), Lossless and JPEG-LS, pylibjpeg-openjpeg for JPEG 2000; RLE is pydicom's own.
 Files without the 128-byte preamble are read when their first bytes are a DICOM data element.
-The pixel size rules (ultrasound regions, Pixel Spacing) live in
-:mod:`nerveseg.inference.calibration`.
+The pixel size rules (ultrasound regions, Pixel Spacing) live in :mod:`nerveseg.data.spacing`.
 """
 
 from __future__ import annotations
@@ -25,15 +24,13 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from nerveseg.data.io import IMAGE_EXTENSIONS, LUMA_WEIGHTS, MAX_IMAGE_PIXELS, read_image
+from nerveseg.data.spacing import Spacing, dicom_spacing, finite_float
 from nerveseg.errors import InputError
-
-if TYPE_CHECKING:  # the spacing rules live in inference/, which imports this module
-    from nerveseg.inference.calibration import Spacing
 
 __all__ = [
     "DICOM_EXTENSIONS",
@@ -323,7 +320,7 @@ def _out_of_memory(path: Path) -> InputError:
 
 def read_dicom_header(path: str | Path) -> Any:
     """The DICOM dataset without its pixel data (cheap), for
-    :func:`~nerveseg.inference.calibration.dicom_spacing` with a roi.
+    :func:`~nerveseg.data.spacing.dicom_spacing` with a roi.
 
     Raises InputError for a missing, non-DICOM or corrupt file.
     """
@@ -471,18 +468,6 @@ def _unit_scale(path: Path, arr: np.ndarray, bits: int, signed: bool) -> np.ndar
     return out.astype(np.float32, copy=False)
 
 
-def finite_float(item: Any, keyword: str) -> float | None:
-    """A DICOM element as a finite float, or None when absent, empty or not a number."""
-    value = item.get(keyword)
-    if value is None or value == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) else None
-
-
 def _positive_float(ds: Any, keyword: str) -> float | None:
     number = finite_float(ds, keyword)
     return number if number is not None and number > 0 else None
@@ -534,7 +519,7 @@ def read_dicom(path: str | Path) -> tuple[np.ndarray, "Spacing | None", dict]:
         image files, YBR_FULL/YBR_FULL_422 is converted to RGB first, and PALETTE COLOR is
         looked up through its palette first. Modality/VOI LUTs are not applied.
     spacing : Spacing or None
-        :func:`~nerveseg.inference.calibration.dicom_spacing` for the whole image. None when
+        :func:`~nerveseg.data.spacing.dicom_spacing` for the whole image. None when
         the file has no calibration, or when it has several calibrated regions that disagree;
         then ``meta["spacing_problem"]`` says so, and ``dicom_spacing(read_dicom_header(path),
         roi=mask_roi(mask))`` gives the pixel size of the region a mask lies in.
@@ -568,8 +553,6 @@ def _read_dicom(path: Path, index: int | None = None, single: bool = False) -> t
 
 
 def _read_dataset(path: Path, ds: Any, index: int | None, single: bool) -> tuple[np.ndarray, Any, dict]:
-    from nerveseg.inference.calibration import dicom_spacing  # the spacing rules (inference imports data)
-
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise InputError(path, "holds no pixel data (it is not an image, e.g. a report or DICOMDIR)",
                          "give the DICOM image file")

@@ -406,7 +406,6 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int =
     """The paper's Fig. 4: one row per image, the image then each architecture's prediction (red)
     over the expert's outline (green), each by the seed-``seed`` model of the fold that held the
     image out. Architectures whose run has not finished are left out; None when nothing is left."""
-    import numpy as np
     from PIL import Image, ImageDraw
 
     from ..data.io import read_mask

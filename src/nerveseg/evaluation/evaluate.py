@@ -14,8 +14,8 @@ from ..data.io import read_mask
 from ..data.media import read_frame
 from ..data.samples import discover_datasets, discover_samples
 from ..errors import ConfigError, InputError
-from ..inference.overlay import make_overlay, save_png
 from ..inference.onnx_backend import load_predictor
+from ..inference.overlay import make_overlay, save_png
 from ..inference.predictor import Predictor
 from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json
 from .agreement import area_agreement, save_bland_altman_plot

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import logging
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,8 @@ from torch import nn
 from .. import __version__
 from ..config import RunConfig
 from ..errors import ConfigError, InputError
-from .predictor import EnsemblePredictor, ProbabilityPredictor, read_run_config
 from ..io_utils import atomic_write_with
+from .predictor import EnsemblePredictor, ProbabilityPredictor, read_run_config
 
 __all__ = [
     "export_onnx",

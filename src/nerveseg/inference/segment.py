@@ -32,7 +32,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 
 from ..data.labelme import write_labelme
-from ..data.media import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, is_dicom, read_dicom_header, read_media
+from ..data.media import DICOM_EXTENSIONS, MEDIA_EXTENSIONS, is_dicom, read_dicom_header, read_media  # noqa: F401 (DICOM_EXTENSIONS: for callers)
 from ..data.samples import _is_junk
 from ..errors import ConfigError, InputError, OutputError
 from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json, csv_values

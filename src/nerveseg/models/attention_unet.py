@@ -7,8 +7,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .unet import UNet
 from .registry import register_model
+from .unet import UNet
 
 
 class AttentionGate(nn.Module):

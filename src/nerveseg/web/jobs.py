@@ -26,7 +26,6 @@ import re
 import secrets
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +33,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
+
+# the fine-tune command is built in the training layer from the library's configs (routers import it from here)
+from ..training.finetune import finetune_command as finetune_command
+from ..training.finetune import supports_init_from
 
 LOG_TAIL = 4000
 JOB_ID = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")  # time.strftime("%Y%m%d-%H%M%S-") + 6 hex digits
@@ -44,15 +47,10 @@ class JobBusy(Exception):
 
 
 def train_supports_init_from() -> bool:
-    """Whether this nerveseg's ``train`` has ``--init-from`` (issue 10 adds it)."""
-    from ..cli.main import build_parser
-
-    parser = build_parser()
-    for action in parser._subparsers._group_actions:  # argparse keeps subparsers here
-        train = action.choices.get("train")
-        if train is not None:
-            return any("--init-from" in a.option_strings for a in train._actions)
-    return False
+    """Whether this nerveseg's ``train`` has ``--init-from`` (issue 10 adds it): read from the library's
+    run configuration (:func:`nerveseg.training.finetune.supports_init_from`), not the CLI parser, so the
+    web layer never imports the command line."""
+    return supports_init_from()
 
 
 def plan_validation(workspace: Path, corrected: dict[str, bool] | None = None) -> dict:
@@ -75,15 +73,6 @@ def plan_validation(workspace: Path, corrected: dict[str, bool] | None = None) -
         plan["note"] = ("no held-out check: the workspace holds pairs of one subject only (a split needs two), so the run "
                         "trains on every pair and keeps its last epoch; judge the new model on a new scan before using it")
     return plan
-
-
-def finetune_command(base_model: Path, workspace: Path, out: Path, epochs: int, size: int,
-                     held_out: bool = True) -> list[str]:
-    """``nerveseg train --init-from``; ``held_out=False`` (fewer than two subjects) trains with
-    ``--val-fraction 0``: no validation, the last epoch kept, instead of the split's refusal."""
-    argv = [sys.executable, "-m", "nerveseg", "train", "--init-from", str(base_model), "--data", str(workspace),
-            "--out", str(out), "--epochs", str(epochs), "--size", str(size), "--label", "1", "--quiet"]
-    return argv if held_out else argv + ["--val-fraction", "0"]
 
 
 def _number(text: str | None) -> float | None:
