@@ -202,6 +202,22 @@ def test_cine_gives_one_seg_with_every_frame_and_a_group_per_frame(tmp_path):
         assert _dciodvfy_errors(path) == [], path
 
 
+def test_cine_of_a_nerve_only_model_gets_its_one_segment_in_every_frame(tmp_path):
+    """One segment: highdicom shares its identification across frames, which each frame needs its
+    own of here (before, a nerve-only model's cine failed with an AttributeError)."""
+    source = _dicom(tmp_path, "loop.dcm", frames=3)
+    out = tmp_path / "out"
+    result, writer, messages = _run([source], out, TwoClassPredictor(vessel=False))
+    assert not result.problems and not writer.problems, messages
+    src = pydicom.dcmread(source)
+    seg = hd.seg.segread(out / "loop_seg.dcm")
+    assert seg.segment_numbers == [1] and int(seg.NumberOfFrames) == 3
+    pixels = seg.get_pixels_by_source_frame(src.SOPInstanceUID, source_frame_numbers=[1, 2, 3], segment_numbers=[1])
+    for frame in range(3):
+        assert np.array_equal(pixels[frame, ..., 0] != 0, _png(out / "loop_masks" / f"frame_{frame:05d}.png"))
+    assert _dciodvfy_errors(out / "loop_seg.dcm") == []
+
+
 def test_uncalibrated_dicom_gets_an_sr_without_mm_and_says_why(tmp_path):
     _reset_no_calibration_warning()
     source = _dicom(tmp_path, "plain.dcm", calibrated=False)

@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -293,6 +294,21 @@ def test_cts_tags_and_report(page):
     assert "volunteer-1" in text and "1.00" in text and "Hobson-Webb" in text and "Decision support only" in text
     page.locator("#ft-info").scroll_into_view_if_needed()
     shot(page, "5_cts")
+
+
+def test_dicom_seg_and_sr_download_for_a_dicom_case_only(page, tmp_path):
+    upload(page, "usgra_0067.png")
+    assert page.is_disabled("#dl-dicom") and "no study" in page.get_attribute("#dl-dicom", "title")
+    upload(page, "usgra_0053_calibrated.dcm")
+    assert page.is_enabled("#dl-dicom")
+    with page.expect_download() as info:
+        page.click("#dl-dicom")
+    download = info.value
+    assert download.suggested_filename == "usgra_0053_calibrated_dicom.zip"
+    download.save_as(tmp_path / "dicom.zip")
+    with zipfile.ZipFile(tmp_path / "dicom.zip") as archive:
+        names = sorted(archive.namelist())
+    assert names == ["usgra_0053_calibrated_seg.dcm", "usgra_0053_calibrated_sr.dcm"]  # calibrated: no notes
 
 
 def test_badges_and_order_survive_a_reload(page, server):

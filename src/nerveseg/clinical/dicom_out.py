@@ -69,9 +69,11 @@ __all__ = [
     "DicomResultWriter",
     "ImportedPair",
     "ModelIdentity",
+    "attachable",
     "build_seg",
     "build_sr",
     "import_seg",
+    "missing_uids",
     "model_identity",
     "write_dicom_results",
 ]
@@ -95,6 +97,7 @@ _QC_MEANINGS = {
     "multi_component": "Nerve mask has several components",
     "low_confidence": "Low mean probability inside the nerve mask",
     "touches_border": "Nerve mask touches the image border",
+    "corrected": "Nerve mask corrected by hand",  # nerveseg serve: a clinician's correction, in place of low_confidence
 }
 _CALIBRATION_MEANINGS = {
     "us_region": "DICOM Sequence of Ultrasound Regions",
@@ -199,11 +202,23 @@ def attachable_header(path: Path):
     a UID that attaches results to the study is missing; the Type 2 patient/study attributes it
     lacks are added empty (on a copy; the file is never changed)."""
     header = read_dicom_header(path)
-    missing = [k for k in _REQUIRED_UIDS if not str(header.get(k, "") or "").strip()]
+    missing = missing_uids(header)
     if missing:
         raise InputError(path, f"has no {', '.join(missing)}, so its results cannot be attached to its study: no DICOM "
                                "SEG or SR written for it (its masks and measurements.csv rows were)",
                          "export the image from the scanner or PACS with its UIDs, then segment it again")
+    return attachable(header)
+
+
+def missing_uids(header) -> list[str]:
+    """The UIDs a SEG/SR needs to attach to the source's study that ``header`` lacks (keywords)."""
+    return [k for k in _REQUIRED_UIDS if not str(header.get(k, "") or "").strip()]
+
+
+def attachable(header):
+    """A copy of a header (with its UIDs: :func:`missing_uids`) with the Type 2 patient/study
+    attributes it lacks added empty, ready to be a SEG's/SR's source (``nerveseg serve`` keeps
+    an upload's header, not its file)."""
     header = copy.deepcopy(header)
     for keyword in _TYPE2_COPIED:
         if keyword not in header:
@@ -247,7 +262,8 @@ def _segment_codes(name: str):
 _DISPLAY_RGB = {"nerve": (255, 40, 40), "vessel": (40, 120, 255)}
 
 
-def _segment_descriptions(present: Sequence[str], model: ModelIdentity, threshold: float | None):
+def _segment_descriptions(present: Sequence[str], model: ModelIdentity, threshold: float | None,
+                          corrected: bool = False):
     import highdicom as hd
 
     codes = _codes()
@@ -255,13 +271,16 @@ def _segment_descriptions(present: Sequence[str], model: ModelIdentity, threshol
         name=f"nerveseg {model.name}"[:64], family=codes.cid7162.ArtificialIntelligence,
         version=model.version, source="nerveseg", parameters=model.parameters(threshold),
     )
+    # a mask a clinician corrected (nerveseg serve) is "calculated with user assistance"
+    kinds = hd.seg.SegmentAlgorithmTypeValues
+    algorithm_type = kinds.SEMIAUTOMATIC if corrected else kinds.AUTOMATIC
     descriptions = []
     for number, name in enumerate(present, start=1):
         category, kind = _segment_codes(name)
         rgb = _DISPLAY_RGB.get(name.lower())
         descriptions.append(hd.seg.SegmentDescription(
             segment_number=number, segment_label=name[:64], segmented_property_category=category,
-            segmented_property_type=kind, algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            segmented_property_type=kind, algorithm_type=algorithm_type,
             algorithm_identification=algorithm,
             display_color=hd.color.CIELabColor.from_rgb(*rgb) if rgb else None,
         ))
@@ -300,10 +319,11 @@ def _seg_frame_map(seg) -> dict[tuple[int, int], int]:
 
 
 def build_seg(header, masks: np.ndarray, class_names: Sequence[str], model: ModelIdentity,
-              threshold: float | None = None, path: Path | None = None) -> SegFrames | None:
+              threshold: float | None = None, path: Path | None = None, corrected: bool = False) -> SegFrames | None:
     """A binary SEG of ``masks`` (bool ``(frames, rows, cols, classes)``) on the source ``header``'s
     grid, one segment per class with pixels; None when no class has any pixel. Empty frames of a
-    segment are left out (highdicom's default, allowed by the standard)."""
+    segment are left out (highdicom's default, allowed by the standard). ``corrected``: the masks
+    were corrected by hand, so the segments' algorithm type is SEMIAUTOMATIC, not AUTOMATIC."""
     import highdicom as hd
 
     masks = np.asarray(masks, dtype=bool)
@@ -312,7 +332,7 @@ def build_seg(header, masks: np.ndarray, class_names: Sequence[str], model: Mode
         return None
     names = [class_names[i] for i in present]
     stack = masks[..., present]
-    descriptions = _segment_descriptions(names, model, threshold)
+    descriptions = _segment_descriptions(names, model, threshold, corrected)
     common = dict(
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY, segment_descriptions=descriptions,
         series_instance_uid=hd.UID(), series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
@@ -355,6 +375,13 @@ def _seg_of_frames(header, stack: np.ndarray, common: dict):
     seg = hd.seg.Segmentation(source_images=[template_source], pixel_array=np.ones((1, rows, cols, n_segments), np.uint8),
                               **common)
     template = seg.PerFrameFunctionalGroupsSequence[0]
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    for keyword in ("SegmentIdentificationSequence", "DerivationImageSequence"):
+        # highdicom shares what its one frame has in every frame (the segment of a one-segment
+        # SEG): here each frame gets its own, so it moves to the per-frame groups
+        if keyword not in template and keyword in shared:
+            setattr(template, keyword, copy.deepcopy(shared[keyword].value))
+            delattr(shared, keyword)
     items, frames = [], []
     for segment in range(n_segments):
         for frame in range(n_frames):

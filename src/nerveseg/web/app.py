@@ -24,6 +24,7 @@ from starlette.requests import ClientDisconnect
 from .. import __version__
 from ..errors import ConfigError, InputError, NerveSegError
 from .cases import TooManyPixels
+from .dicom_results import DicomOutRefused
 from .media import UnsupportedMediaType, UploadTooLarge
 from .routers import cases, service
 from .security import SecurityMiddleware
@@ -83,6 +84,10 @@ def create_app(settings: ServeSettings, loader: Callable[[Path], object] | None 
         # tracebacks; the answer goes nowhere
         log.warning("client disconnected during upload: %s %s", request.method, request.url.path)
         return _error(400, "the client disconnected before the request body was complete", "disconnected")
+
+    @app.exception_handler(DicomOutRefused)
+    async def dicom_out_refused(request: Request, exc: DicomOutRefused):
+        return _error(exc.status, exc.detail, exc.code)
 
     @app.exception_handler(ConfigError)
     async def config_error(request: Request, exc: ConfigError):

@@ -25,6 +25,7 @@ from ..errors import InputError
 from ..inference.calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing
 from ..inference.measure import measurement_rows, postprocess
 from ..inference.segment import SegmentOptions, with_model_threshold
+from .dicom_results import keep_header
 from .images import DISPLAY_SIDE, NERVE, VESSEL, shrink, thumbnail_png
 
 CASE_ID_PATTERN = r"^[A-Za-z0-9_-]{16,32}$"
@@ -101,11 +102,17 @@ class Case:
     created: float = field(default_factory=time.time)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     low_confidence: float = 0.7  # the model's cut for the low_confidence flag
+    model_dir: Path | None = None  # the run folder that segmented it: what its DICOM SEG names
+    # a DICOM case's header without pixels (web.dicom_results.keep_header): the upload itself is
+    # deleted once segmented, and its DICOM SEG/SR reference the source by the header's UIDs
+    dicom_header: Any = field(default=None, repr=False)
+    dicom_header_bytes: int = 0
+    dicom_note: str = ""  # why a DICOM case has no header, when it has none
     _thumbnail: tuple[int, bytes] | None = field(default=None, repr=False)  # (frame 0's version, PNG)
 
     @property
     def nbytes(self) -> int:
-        return sum(f.nbytes for f in self.frames)
+        return sum(f.nbytes for f in self.frames) + self.dicom_header_bytes
 
     def thumbnail(self) -> bytes:
         """The list's small overlay of frame 0, drawn again only when frame 0's mask changed."""
@@ -208,6 +215,7 @@ def segment_upload(
     max_bytes: int,
     max_pixels: int | None = None,
     case_id: str | None = None,
+    model_dir: Path | None = None,
 ) -> Case:
     """Segment every frame of an uploaded file into a :class:`Case` held in memory.
 
@@ -282,6 +290,12 @@ def segment_upload(
                 flush()
         if chunk:
             flush()
+        kept, kept_bytes, kept_note = None, 0, ""
+        if kind_group == "dicom":  # kept for the case's DICOM SEG/SR; the upload is deleted after this
+            try:
+                kept, kept_bytes, kept_note = keep_header(header if header is not None else read_dicom_header(path))
+            except InputError as exc:  # the frames were read: the case stands, without DICOM results
+                kept_note = f"its DICOM header could not be read again ({rename(exc).problem})"
     except InputError as exc:
         raise rename(exc) from None
     if not frames:
@@ -292,6 +306,7 @@ def segment_upload(
         id=case_id or new_case_id(), name=name, kind=kind, frames=frames, classes=classes,
         threshold=options.threshold, postprocess=options.postprocess, min_area_px=options.min_area_px,
         fps=fps, model=model_label, seconds=0.0, warnings=warnings, low_confidence=options.low_confidence,
+        model_dir=model_dir, dicom_header=kept, dicom_header_bytes=kept_bytes, dicom_note=kept_note,
     )
     for index in range(len(frames)):
         case.measure(index)

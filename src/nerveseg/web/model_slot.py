@@ -105,6 +105,12 @@ class ModelSlot:
         with self._lock:
             return self.predictor, self.label
 
+    def current_with_dir(self):
+        """The predictor, its label and its run folder, consistently (a switch may happen between
+        two calls): the folder is what a case's DICOM SEG names as the algorithm."""
+        with self._lock:
+            return self.predictor, self.label, self.run_dir
+
     def switch(self, run_dir: Path) -> dict:
         predictor = self._loader(Path(run_dir))  # outside the lock: requests keep the old one meanwhile
         warm_up(predictor)

@@ -17,7 +17,8 @@ from ...inference.measure import MEASUREMENT_FIELDS, POSTPROCESS_MODES
 from ...inference.segment import SegmentOptions
 from ...io_utils import csv_text
 from .. import schemas
-from ..cases import Case, keep_region, new_case_id, segment_upload
+from ..cases import keep_region, new_case_id, segment_upload
+from ..dicom_results import dicom_download
 from ..images import NERVE, label_png, overlay_png, png_bytes, read_label_png
 from ..media import display_name, receive_upload
 from ..state import Busy
@@ -80,10 +81,11 @@ async def create_case(
     t_received = time.perf_counter()
     try:
         async with st.limiter.slot():
-            predictor, label = st.model.current()
+            predictor, label, run_dir = st.model.current_with_dir()
             case = await st.limiter.run(partial(
                 segment_upload, upload.path, shown, predictor, options, kind_group=upload.kind.group, model_label=label,
-                max_frames=s.max_frames, max_bytes=s.max_store_bytes, max_pixels=s.max_pixels, case_id=case_id))
+                max_frames=s.max_frames, max_bytes=s.max_store_bytes, max_pixels=s.max_pixels, case_id=case_id,
+                model_dir=run_dir))
     finally:
         upload.path.unlink(missing_ok=True)
     st.store.add(case)
@@ -296,6 +298,40 @@ def case_csv(request: Request, case_id: str):
     text = csv_text((f.row for f in case.frames), MEASUREMENT_FIELDS)  # the file name escaped for spreadsheets
     return Response(text, media_type="text/csv",
                     headers={"Content-Disposition": f'attachment; filename="{Path(case.name).stem}_measurements.csv"'})
+
+
+DICOM_ZIP = {
+    200: {"description": "a zip of <stem>_seg.dcm (DICOM Segmentation; absent when no frame has a nerve or vessel "
+                         "pixel), <stem>_sr.dcm (Comprehensive 3D SR, TID 1500) and, when there is something to say "
+                         "(no calibration, no SEG), notes.txt; the notes are also in the X-Nerveseg-Notes header",
+          "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+          "headers": {"X-Nerveseg-Notes": {"description": "the zip's notes.txt on one line ('; ' between notes), "
+                                                          "ASCII; absent when there are none",
+                                           "schema": {"type": "string"}}}},
+    **CASE,
+    409: {"model": schemas.Error, "description": "code not_dicom: the case was not uploaded from a DICOM file, so there "
+                                                 "is no study to attach results to; code no_dicom_header: the server "
+                                                 "did not keep the DICOM header (larger than 1 MB)"},
+    422: {"model": schemas.Error, "description": "code missing_uids: the DICOM has no Study, Series or SOP Instance UID "
+                                                 "(or SOP Class UID); code model_unknown: the model that segmented the "
+                                                 "case cannot be identified; code bad_input: the header does not fit a "
+                                                 "SEG or SR (what is wrong and how to fix it)"},
+}
+
+
+@router.get("/cases/{case_id}/dicom.zip", response_class=Response, responses=DICOM_ZIP,
+            summary="The case's DICOM SEG and SR (one zip: the SR references the SEG) for a case uploaded from DICOM")
+async def case_dicom(request: Request, case_id: str):
+    """Made from the case's current masks (corrections included) and measurements by the library
+    functions of `nerveseg segment --dicom-out`, referencing the uploaded image's UIDs. An
+    uncalibrated image's SR has no area in mm² or perimeter in mm (X-Nerveseg-Notes says so)."""
+    case = get_case(request, case_id)
+    result = await state(request).limiter.run_image(dicom_download, case)
+    headers = {"Content-Disposition": f'attachment; filename="{result.filename}"'}
+    if result.notes:  # header values are Latin-1 at most: the notes' few other characters spelled out
+        text = "; ".join(result.notes).replace("²", "^2")
+        headers["X-Nerveseg-Notes"] = text.encode("ascii", "replace").decode("ascii")
+    return Response(result.data, media_type="application/zip", headers=headers)
 
 
 @router.post("/cases/{case_id}/save", response_model=schemas.SaveResult, responses=errors(404, 409),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Optional
 
 from fastapi import APIRouter, Body, HTTPException, Query, Request
 from fastapi.responses import Response

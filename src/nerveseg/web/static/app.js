@@ -344,6 +344,12 @@ async function selectCase(id) {
   for (const el of ["tag-subject", "tag-region", "tag-side", "save", "dl-mask", "dl-csv", "reset"]) $(el).disabled = false;
   $("save-all").hidden = c.n_frames < 2;
   $("save-all").disabled = c.n_frames < 2;
+  // a DICOM SEG and SR attach to the source image's study: an image file or video has none
+  const dicom = c.kind === "dicom";
+  $("dl-dicom").disabled = !dicom;
+  $("dl-dicom").title = dicom
+    ? "the current masks as a DICOM Segmentation and the measurements as a DICOM SR (TID 1500), one zip, referencing this image"
+    : "only for a case uploaded from a DICOM file: an image file or video has no study to attach results to";
   $("warnings").textContent = c.warnings.join(" ");
   const cine = c.n_frames > 1;
   $("cine").hidden = !cine;
@@ -731,6 +737,26 @@ async function download(path, filename) {
   } catch (err) { showError(err.message); }
 }
 
+// The SEG and SR of the case's current masks: corrections still being sent are waited for
+// first, so the download holds what the page shows. The server's notes (no calibration, so no
+// mm² in the SR; no SEG for an empty mask) are shown, not only left in the zip.
+async function downloadDicom() {
+  const c = S.current;
+  try {
+    await sending;
+    const response = await api(`/api/cases/${c.id}/dicom.zip`);
+    const notes = response.headers.get("X-Nerveseg-Notes");
+    const blob = await response.blob();
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(blob);
+    a.download = `${stemOf(c.name)}_dicom.zip`;
+    document.body.append(a);
+    a.click();
+    setTimeout(() => { URL.revokeObjectURL(a.href); a.remove(); }, 1000);
+    if (notes) showError(notes.replaceAll("^2", "²"), true);
+  } catch (err) { showError(err.message); }
+}
+
 const stemOf = (name) => name.replace(/\.[^.]*$/, "");
 
 // Tag saves go one at a time, in the order of the changes: two quick changes (region, then side)
@@ -975,6 +1001,7 @@ function wire() {
   $("dl-mask").addEventListener("click", () => download(`/api/cases/${S.current.id}/frames/${S.frame}/mask.png?download=true`, `${stemOf(S.current.name)}_f${S.frame}_mask.png`));
   $("dl-csv").addEventListener("click", () => download(`/api/cases/${S.current.id}/measurements.csv`, `${stemOf(S.current.name)}_measurements.csv`));
   $("dl-report").addEventListener("click", () => download("/api/report.md", "screening_report.md"));
+  $("dl-dicom").addEventListener("click", downloadDicom);
   $("report").addEventListener("click", showReport);
   for (const id of ["tag-subject", "tag-region", "tag-side"]) $(id).addEventListener("change", saveTags);
   $("ft-start").addEventListener("click", startFinetune);
