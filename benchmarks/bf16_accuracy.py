@@ -5,7 +5,7 @@ Usage: python benchmarks/bf16_accuracy.py RUN DATA
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 import torch
@@ -39,4 +39,7 @@ def main(run: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a trained run folder")
+    ap.add_argument("data", help="its dataset folder (the run's validation images are scored)")
+    main(**vars(ap.parse_args()))

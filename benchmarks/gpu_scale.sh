@@ -6,6 +6,7 @@
 #   2. benchmarks/gpu_latency.py: batch-1 latency, eager vs CUDA graphs vs torch.compile, same two networks;
 # Usage: bash benchmarks/gpu_scale.sh [RESULTS]   (default runs/gpu_scale; PYTHON overrides python3)
 # Checked without a GPU by: python benchmarks/gpu_train_speed.py --cpu-check; python benchmarks/gpu_latency.py --cpu-check
+case "${1:-}" in -h|--help) sed -n '2,8p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -uo pipefail
 RESULTS=${1:-runs/gpu_scale}
 PYTHON=${PYTHON:-python3}

@@ -32,7 +32,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
+try:
+    import httpx
+except ImportError:  # the test extra installs httpx2 (the same client API) rather than httpx
+    import httpx2 as httpx
 
 HOST = "127.0.0.1"  # loopback only, by construction
 MAX_REQUESTS, MAX_CLIENTS, MAX_SECONDS = 5000, 32, 1800

@@ -6,7 +6,7 @@ Usage: python benchmarks/native_accuracy.py RUN DATA
 
 from __future__ import annotations
 
-import sys
+import argparse
 
 import numpy as np
 
@@ -47,6 +47,7 @@ def main(run: str, data: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        raise SystemExit(__doc__)
-    main(sys.argv[1], sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run", help="a trained SA-UNet run folder")
+    ap.add_argument("data", help="its dataset folder (the run's validation images are scored)")
+    main(**vars(ap.parse_args()))

@@ -58,7 +58,7 @@ case "${1:-}" in
     train_run "$RUNS/final/effunet_both" --data "$WRIST" --data "$USGRA" --arch efficientnet_unet --epochs 30 --val-fraction 0
     ;;
   ship)
-    python benchmarks/ship_default_model.py "$RUNS/final/effunet_both" --name nerveseg_nerves --no-tta --keep-largest '' \
+    python studies/ship_default_model.py "$RUNS/final/effunet_both" --name nerveseg_nerves --no-tta --keep-largest '' \
       --threshold 0.5 --low-confidence "${LOW_CONFIDENCE:-0.7}" ${CV_METRICS:+--cv-metrics "$CV_METRICS"}
     ;;
   *)

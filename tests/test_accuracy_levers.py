@@ -473,7 +473,7 @@ def test_fold_pair_ensembles_refuses_folds_of_different_splits(tmp_path):
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "fold_pair_ensembles", Path(__file__).resolve().parents[1] / "benchmarks" / "fold_pair_ensembles.py")
+        "fold_pair_ensembles", Path(__file__).resolve().parents[1] / "studies" / "fold_pair_ensembles.py")
     pairs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pairs)
     sa = _single_run(tmp_path / "sa" / "fold_0", "sa_unet", tmp_path, seed=1)

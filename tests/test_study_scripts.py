@@ -1,10 +1,12 @@
-"""The accuracy study's scripts (benchmarks/): the post-processing rules chosen on cross-validation
-and the pooling of fold evaluations into one metrics.json, against hand-computed cases."""
+"""The accuracy study's scripts (studies/): the post-processing rules chosen on cross-validation
+and the pooling of fold evaluations into one metrics.json, against hand-computed cases; and every
+script that docs/*.md and README.md cite (benchmarks/ and studies/) exists and answers --help."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +15,11 @@ import pytest
 from nerveseg.evaluation.evaluate import PER_IMAGE_FIELDS, SUMMARY_KEYS, save_roc_histograms, write_per_image
 from nerveseg.evaluation.metrics import RocAccumulator, image_metrics, summarize
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+STUDIES = Path(__file__).resolve().parents[1] / "studies"
 
 
 def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, STUDIES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -90,7 +92,7 @@ def test_pooled_fold_evaluations_equal_one_evaluation_of_all_images(pool, tmp_pa
     a.mkdir(), b.mkdir()
     rows_a, roc_a = _fold_eval(a, ["001", "002", "003"], rng)
     rows_b, roc_b = _fold_eval(b, ["004", "005"], rng)
-    pooled = {**pool.load(a / "per_image.csv"), **pool.load(b / "per_image.csv")}
+    pooled = {**pool.load_per_image(a / "per_image.csv"), **pool.load_per_image(b / "per_image.csv")}
     summary = pool.write_pooled([a, b], pooled, tmp_path / "cv")
     expected = summarize(rows_a + rows_b, keys=SUMMARY_KEYS)
     for key in ("dice", "precision", "recall", "hd95", "auc"):
@@ -100,7 +102,7 @@ def test_pooled_fold_evaluations_equal_one_evaluation_of_all_images(pool, tmp_pa
     both = RocAccumulator()
     both.pos_hist, both.neg_hist = roc_a.pos_hist + roc_b.pos_hist, roc_a.neg_hist + roc_b.neg_hist
     assert summary["pooled_auc"] == pytest.approx(both.auc())
-    assert (tmp_path / "cv" / "metrics.json").exists() and len(pool.load(tmp_path / "cv" / "per_image.csv")) == 5
+    assert (tmp_path / "cv" / "metrics.json").exists() and len(pool.load_per_image(tmp_path / "cv" / "per_image.csv")) == 5
     assert summary["threshold"] is None  # these evaluations wrote no metrics.json to say
     for folder, t in ((a, 0.4), (b, 0.4)):
         (folder / "metrics.json").write_text(json.dumps({"threshold": t}))
@@ -116,7 +118,7 @@ def test_pooling_refuses_folds_that_share_images(pool, tmp_path):
     a.mkdir(), b.mkdir()
     _fold_eval(a, ["001", "002"], rng)
     _fold_eval(b, ["002", "003"], rng)
-    pooled = {**pool.load(a / "per_image.csv"), **pool.load(b / "per_image.csv")}
+    pooled = {**pool.load_per_image(a / "per_image.csv"), **pool.load_per_image(b / "per_image.csv")}
     with pytest.raises(SystemExit, match="count an image twice"):
         pool.write_pooled([a, b], pooled, tmp_path / "cv")
     assert not (tmp_path / "cv").exists()
@@ -214,7 +216,7 @@ def _study(tmp_path, *args, **env):
     calls = tmp_path / "calls.txt"
     calls.write_text("")
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env}
-    result = subprocess.run(["bash", str(BENCHMARKS / "accuracy_study.sh"), *args, "DATA", str(tmp_path / "out")],
+    result = subprocess.run(["bash", str(STUDIES / "accuracy_study.sh"), *args, "DATA", str(tmp_path / "out")],
                             env=full_env, capture_output=True, text=True, timeout=60)
     return result, calls.read_text().splitlines()
 
@@ -246,3 +248,60 @@ def test_study_arms_are_checked(tmp_path):
     result, calls = _study(tmp_path, "reg128", ARMS="wide mixup", FOLDS="1")
     assert result.returncode == 2 and "unknown arm mixup" in result.stderr
     assert len(calls) == 2 and "features" in calls[0] and "--size 128" in calls[0]  # wide ran first
+
+
+# ------------------------------------------------------------------------------------------------
+# every script the documents cite exists and answers --help
+
+ROOT = Path(__file__).resolve().parents[1]
+CITED = re.compile(r"\b(python3?|bash) ((?:benchmarks|studies)/[\w-]+\.(?:py|sh))\b")
+MENTIONED = re.compile(r"\b((?:benchmarks|studies)/[\w-]+\.(?:py|sh))\b")
+
+
+def _documents() -> list[Path]:
+    return sorted([*(ROOT / "docs").glob("*.md"), ROOT / "README.md"])
+
+
+def _cited() -> list[tuple[str, str]]:
+    """(interpreter, script) for each `python benchmarks/X.py`, `bash studies/X.sh`, ... in docs/*.md and README.md."""
+    return sorted({(m[1].rstrip("3"), m[2]) for doc in _documents() for m in CITED.finditer(doc.read_text())})
+
+
+def test_the_documents_cite_scripts():
+    assert len(_cited()) >= 20  # the pattern still finds the commands
+
+
+def test_every_script_the_documents_name_exists():
+    missing = sorted({f"{doc.name}: {m[1]}" for doc in _documents() for m in MENTIONED.finditer(doc.read_text())
+                      if not (ROOT / m[1]).is_file()})
+    assert not missing
+
+
+@pytest.mark.parametrize(("interpreter", "script"), _cited(), ids=lambda v: v)
+def test_cited_script_answers_help(interpreter, script, tmp_path):
+    """Run from an empty folder with `--help`: argparse scripts print their usage and exit 0; the shell
+    drivers print their header (0, or 2 for an unknown phase) and start nothing."""
+    import os
+    import subprocess
+    import sys
+
+    path = ROOT / script
+    assert path.is_file(), f"{script} is cited but does not exist"
+    command = [sys.executable, str(path), "--help"] if interpreter == "python" else ["bash", str(path), "--help"]
+    # a stand-in nerveseg that fails, so a driver that ignored --help could not train anything
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nerveseg").write_text("#!/bin/sh\nexit 3\n")
+    (bin_dir / "nerveseg").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    missing = re.search(r"ModuleNotFoundError: No module named '([\w.]+)'", result.stderr)
+    if result.returncode != 0 and missing:
+        pytest.skip(f"{script} imports {missing[1]}, which is not installed here")
+    if interpreter == "python":
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "usage:" in result.stdout
+    else:
+        assert result.returncode in (0, 2), result.stderr[-2000:]
+        said = result.stdout + result.stderr
+        assert path.name in said or "usage" in said.lower(), said[-2000:]  # its header: how to call it

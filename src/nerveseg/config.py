@@ -227,7 +227,7 @@ class InferenceConfig:
     # measurements whose mean probability inside the mask is under this get the low_confidence QC
     # flag; how confident a model is where it is wrong depends on the model (an ensemble's averaged
     # probabilities run lower), so the cut is chosen with it on cross-validation
-    # (benchmarks/qc_flags_cv.py) and saved here
+    # (studies/qc_flags_cv.py) and saved here
     low_confidence: float = 0.7
 
     def __post_init__(self) -> None:

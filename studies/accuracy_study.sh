@@ -1,27 +1,28 @@
 #!/usr/bin/env bash
 # Issue 10's accuracy study on usgra-seg (docs/benchmarks.md, "Accuracy study"). Resumable: a
 # finished run is skipped, an interrupted one continues (--resume).
-#   bash benchmarks/accuracy_study.sh screen [DATA] [OUT]   each lever vs the paper recipe, folds 0-1
-#   bash benchmarks/accuracy_study.sh final  [DATA] [OUT]   the chosen recipe, 5 folds, SA-UNet and U-Net
-#   bash benchmarks/accuracy_study.sh final256 [DATA] [OUT] screen winners on the shipped 256-px recipe, 5 folds
-#   bash benchmarks/accuracy_study.sh fair256 [DATA] [OUT]  U-Net under that same recipe, 5 folds, and each
+#   bash studies/accuracy_study.sh screen [DATA] [OUT]   each lever vs the paper recipe, folds 0-1
+#   bash studies/accuracy_study.sh final  [DATA] [OUT]   the chosen recipe, 5 folds, SA-UNet and U-Net
+#   bash studies/accuracy_study.sh final256 [DATA] [OUT] screen winners on the shipped 256-px recipe, 5 folds
+#   bash studies/accuracy_study.sh fair256 [DATA] [OUT]  U-Net under that same recipe, 5 folds, and each
 #                                                           fold's SA-UNet + U-Net pair as a 2-member ensemble
-#   bash benchmarks/accuracy_study.sh long256 [DATA] [OUT]  the shipped recipe trained longer (100 epochs) with
+#   bash studies/accuracy_study.sh long256 [DATA] [OUT]  the shipped recipe trained longer (100 epochs) with
 #                                                           spatial + intensity augmentation; FOLDS="1 0" screens
-#   bash benchmarks/accuracy_study.sh size320 [DATA] [OUT]  the shipped recipe at a 320-px input (small nerves);
+#   bash studies/accuracy_study.sh size320 [DATA] [OUT]  the shipped recipe at a 320-px input (small nerves);
 #                                                           FOLDS="1 0" screens
-#   bash benchmarks/accuracy_study.sh seeds [DATA] [OUT]    a second shipped-recipe model of each fold (--train-seed 1)
+#   bash studies/accuracy_study.sh seeds [DATA] [OUT]    a second shipped-recipe model of each fold (--train-seed 1)
 #                                                           and the two as a seed ensemble; FOLDS="1 0" screens
-#   bash benchmarks/accuracy_study.sh vessels256 [DATA] [OUT] the shipped recipe with nerve + vessel outputs;
+#   bash studies/accuracy_study.sh vessels256 [DATA] [OUT] the shipped recipe with nerve + vessel outputs;
 #                                                           FOLDS="1 0" screens
-#   bash benchmarks/accuracy_study.sh seed2 [DATA] [OUT]    a third shipped-recipe model (--train-seed 2), fold 1 by
+#   bash studies/accuracy_study.sh seed2 [DATA] [OUT]    a third shipped-recipe model (--train-seed 2), fold 1 by
 #                                                           default: does a third seed add to the pair?
-#   bash benchmarks/accuracy_study.sh size128 [DATA] [OUT] the shipped recipe at 128 px: a cheaper screening base?
-#   bash benchmarks/accuracy_study.sh reg128 [DATA] [OUT]  regularisers at 128 px (ARMS="ema wd half"), folds 1 0
-#   bash benchmarks/accuracy_study.sh ema256 [DATA] [OUT]  the shipped recipe + --ema 0.998; FOLDS="1 0" screens
-#   bash benchmarks/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
-#   bash benchmarks/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
-# Then: python benchmarks/study_table.py OUT  (tables, Wilcoxon tests)
+#   bash studies/accuracy_study.sh size128 [DATA] [OUT] the shipped recipe at 128 px: a cheaper screening base?
+#   bash studies/accuracy_study.sh reg128 [DATA] [OUT]  regularisers at 128 px (ARMS="ema wd half"), folds 1 0
+#   bash studies/accuracy_study.sh ema256 [DATA] [OUT]  the shipped recipe + --ema 0.998; FOLDS="1 0" screens
+#   bash studies/accuracy_study.sh curve  [DATA] [OUT]   fine-tuning learning curve
+#   bash studies/accuracy_study.sh curve2 [DATA] [OUT]   its second arms: scratch 1200 steps, fine-tune lr 5e-5
+# Then: python studies/study_table.py OUT  (tables, Wilcoxon tests)
+case "${1:-}" in -h|--help) sed -n '2,24p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -euo pipefail
 PHASE=${1:?phase: screen, final or curve}
 DATA=${2:-../shared/data/usgra-seg}
@@ -129,7 +130,7 @@ fair256)
     evaluate unet_nerveseg256/fold_$fold
     [ -f "$OUT/sa_unet_e2_dice_ce_poly/fold_$fold/last.safetensors" ] && evaluate sa_unet_e2_dice_ce_poly/fold_$fold
   done
-  python benchmarks/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/unet_nerveseg256" \
+  python studies/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/unet_nerveseg256" \
     --data "$DATA" --out "$OUT/pair_sa_unet_unet256"
   ;;
 long256)
@@ -186,12 +187,12 @@ seeds)
   # (a second 25-min training, 2x the 19 ms latency). On fold 1 the shipped recipe + the long256 model
   # gained +0.022 (p = 0.003), so: does a plain second seed do the same?
   fold_arm sa_unet_e2_seed1 "1 0 2 3 4" --recipe nerveseg --train-seed 1
-  python benchmarks/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/sa_unet_e2_seed1" \
+  python studies/fold_pair_ensembles.py "$OUT/sa_unet_e2_dice_ce_poly" "$OUT/sa_unet_e2_seed1" \
     --data "$DATA" --out "$OUT/pair_e2_seed1"
   ;;
 curve)
   # fine-tuning learning curve: pretrained on folds 3-4, N images of folds 1-2, scored on fold 0
-  python benchmarks/learning_curve_views.py "$DATA" "$OUT/curve_views"
+  python studies/learning_curve_views.py "$DATA" "$OUT/curve_views"
   V="$OUT/curve_views"
   train curve_pretrain --recipe nerveseg_128_vessels --data "$V/pretrain" --val-fraction 0 --epochs 60
   for n in 5 10 20 50; do

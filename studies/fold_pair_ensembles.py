@@ -1,7 +1,7 @@
 """Score two recipes' fold models together: for every fold both have finished, the pair as one
 2-member ensemble on the fold neither member trained on.
 
-    python benchmarks/fold_pair_ensembles.py RUN_A RUN_B --data DATA --out OUT [--backend torch]
+    python studies/fold_pair_ensembles.py RUN_A RUN_B --data DATA --out OUT [--backend torch]
 
 RUN_A and RUN_B hold ``fold_k/`` runs trained on the same splits (``--folds 5 --fold k``, same
 seed); a fold counts once its ``eval/metrics.json`` exists (``accuracy_study.sh`` writes it after
@@ -18,28 +18,17 @@ five fold models of one recipe cannot be scored on images one of them trained on
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import wilcoxon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import column, describe, finished_folds, load_per_image, mean_sd, paired  # noqa: E402
 
-from nerveseg.config import RunConfig
-from nerveseg.errors import ConfigError
-from nerveseg.evaluation.evaluate import evaluate_run
-from nerveseg.io_utils import atomic_write_json
-from nerveseg.training.trainer import assemble_ensemble
-
-
-def load(path: Path) -> dict[str, dict]:
-    with path.open(newline="") as f:
-        return {row["stem"]: row for row in csv.DictReader(f)}
-
-
-def finished_folds(run: Path) -> dict[int, Path]:
-    return {int(d.name.split("_")[1]): d for d in sorted(run.glob("fold_*"))
-            if (d / "eval" / "metrics.json").exists() and (d / "model.safetensors").exists()}
+from nerveseg.config import RunConfig  # noqa: E402
+from nerveseg.errors import ConfigError  # noqa: E402
+from nerveseg.evaluation.evaluate import evaluate_run  # noqa: E402
+from nerveseg.io_utils import atomic_write_json  # noqa: E402
+from nerveseg.training.trainer import assemble_ensemble  # noqa: E402
 
 
 def build_pair(a: Path, b: Path, out: Path) -> Path:
@@ -52,29 +41,16 @@ def build_pair(a: Path, b: Path, out: Path) -> Path:
     return out
 
 
-def dice_of(rows: dict[str, dict], stems: list[str]) -> np.ndarray:
-    return np.array([float(rows[s]["dice"]) for s in stems])
-
-
-def describe(rows: dict[str, dict], stems: list[str]) -> dict:
-    dice = dice_of(rows, stems)
-    misses = sum(int(rows[s]["zero_overlap"]) for s in stems)
-    hd95 = np.array([float(rows[s]["hd95"]) for s in stems])
-    return {"n": len(stems), "dice_mean": float(dice.mean()), "dice_sd": float(dice.std(ddof=1)),
-            "dice_median": float(np.median(dice)), "hd95_mean": float(hd95.mean()),
-            "zero_overlap": misses, "zero_overlap_rate": misses / len(stems)}
-
-
-def paired(x: dict[str, dict], y: dict[str, dict], stems: list[str]) -> dict:
-    a, b = dice_of(x, stems), dice_of(y, stems)
-    p = float(wilcoxon(a, b).pvalue) if np.any(a != b) else 1.0
-    return {"median_difference": float(np.median(a - b)), "mean_difference": float((a - b).mean()), "p": p}
+def paired_rows(x: dict[str, dict], y: dict[str, dict], stems: list[str]) -> dict:
+    """x minus y, per-image nerve Dice on ``stems``."""
+    test = paired(column(x, stems=stems), column(y, stems=stems))
+    return {"median_difference": test["median_difference"], "mean_difference": test["mean_difference"], "p": test["p"]}
 
 
 def markdown(summary: dict, labels: dict[str, str]) -> str:
     """docs/benchmarks.md's table: nerve Dice (mean ± SD) and complete misses per held-out fold and pooled."""
     def cell(d: dict, bold: str = "") -> str:
-        return f"{bold}{d['dice_mean']:.3f} ± {d['dice_sd']:.3f}{bold} | {bold}{d['zero_overlap']}/{d['n']}{bold}"
+        return f"{bold}{mean_sd(d)}{bold} | {bold}{d['zero_overlap']}/{d['n']}{bold}"
 
     lines = [f"| held-out fold | n | {labels['a']}: Dice | misses | {labels['b']}: Dice | misses | {labels['pair']}: Dice | misses |",
              "| --- | ---: | --- | ---: | --- | ---: | --- | ---: |"]
@@ -109,8 +85,8 @@ def main() -> None:
         if not (pair / "eval" / "metrics.json").exists():
             evaluate_run(pair, args.data, pair / "eval", subset="unseen", overlays=False, progress=False,
                          backend=args.backend, tta=False, keep_largest=[])
-        fold_rows = {"a": load(folds_a[k] / "eval" / "per_image.csv"), "b": load(folds_b[k] / "eval" / "per_image.csv"),
-                     "pair": load(pair / "eval" / "per_image.csv")}
+        fold_rows = {"a": load_per_image(folds_a[k] / "eval" / "per_image.csv"),
+                     "b": load_per_image(folds_b[k] / "eval" / "per_image.csv"), "pair": load_per_image(pair / "eval" / "per_image.csv")}
         if not set(fold_rows["pair"]) == set(fold_rows["a"]) == set(fold_rows["b"]):
             raise ConfigError(f"fold {k}: the three evaluations scored different images")
         per_fold[k] = {name: describe(r, sorted(r)) for name, r in fold_rows.items()}
@@ -119,14 +95,14 @@ def main() -> None:
     stems = sorted(rows["pair"])
     summary = {"run_a": args.run_a.name, "run_b": args.run_b.name, "folds": folds,
                "pooled": {name: describe(r, stems) for name, r in rows.items()}, "per_fold": per_fold,
-               "pair_vs_a": paired(rows["pair"], rows["a"], stems), "pair_vs_b": paired(rows["pair"], rows["b"], stems),
-               "b_vs_a": paired(rows["b"], rows["a"], stems)}
+               "pair_vs_a": paired_rows(rows["pair"], rows["a"], stems), "pair_vs_b": paired_rows(rows["pair"], rows["b"], stems),
+               "b_vs_a": paired_rows(rows["b"], rows["a"], stems)}
     atomic_write_json(args.out / "summary.json", summary)
     labels = {"a": args.run_a.name, "b": args.run_b.name, "pair": "pair ensemble"}
     (args.out / "table.md").write_text(markdown(summary, labels))
     print(f"folds {', '.join(map(str, folds))} pooled, n = {len(stems)}")
     for name, d in summary["pooled"].items():
-        print(f"  {labels[name]:>28}: Dice {d['dice_mean']:.3f} ± {d['dice_sd']:.3f} (median {d['dice_median']:.3f}), "
+        print(f"  {labels[name]:>28}: Dice {mean_sd(d)} (median {d['dice_median']:.3f}), "
               f"HD95 {d['hd95_mean']:.1f} px, zero-overlap {d['zero_overlap']}/{d['n']}")
     for key, (x, y) in {"b_vs_a": ("b", "a"), "pair_vs_a": ("pair", "a"), "pair_vs_b": ("pair", "b")}.items():
         t = summary[key]

@@ -2,7 +2,8 @@
 # Real-data runs behind docs/benchmarks.md (issue 2): SA-UNet and U-Net on usgra-seg, nerve label 1,
 # 5-fold split by image (seed 0), a validation fold (0; 1 for E5) held out from training and evaluated at the
 # original resolution. Resumable: rerunning continues unfinished runs and skips finished ones.
-# Usage: bash benchmarks/real_data_core.sh [DATA] [OUT]
+# Usage: bash studies/real_data_core.sh [DATA] [OUT]
+case "${1:-}" in -h|--help) sed -n '2,5p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -euo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 OUT=${2:-runs/core}

@@ -1,6 +1,6 @@
 """Ship a trained run or ensemble folder as the package's default model (src/nerveseg/pretrained/NAME).
 
-Usage: python benchmarks/ship_default_model.py RUN [--name nerveseg_nerves] [--tta | --no-tta] [--keep-largest nerve]
+Usage: python studies/ship_default_model.py RUN [--name nerveseg_nerves] [--tta | --no-tta] [--keep-largest nerve]
            [--cv-metrics RUN/cv_plain/metrics.json] [--card-data TEXT] [--card-limits TEXT] [--card-validation TEXT]
 
 Copies config.json + model.safetensors (each member's, for an ensemble) and exports each one's
@@ -95,7 +95,7 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run")
     parser.add_argument("--name", default="nerveseg_nerves")
     parser.add_argument("--card-validation", default=None,
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--threshold", type=float, default=None, help="the probability cut chosen on cross-validation")
     parser.add_argument("--low-confidence", type=float, default=None,
-                        help="the low_confidence QC flag's cut chosen on cross-validation (benchmarks/qc_flags_cv.py)")
+                        help="the low_confidence QC flag's cut chosen on cross-validation (studies/qc_flags_cv.py)")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
     parser.add_argument("--cv-folds", type=int, default=None, help="how many held-out folds those metrics cover (a single model)")
     args = parser.parse_args()

@@ -4,14 +4,14 @@
 # on the five folds; WORKERS processes share the GPU and take the arm x fold jobs from one queue
 # (an flock'd counter), so one slow arm does not hold back the others. Then every finished fold is
 # scored on its own held-out fold at original resolution, and each arm's folds are pooled against
-# the shipped recipe's (Wilcoxon on per-image Dice, benchmarks/pool_fold_evals.py).
+# the shipped recipe's (Wilcoxon on per-image Dice, studies/pool_fold_evals.py).
 # Finished jobs are never redone and unfinished ones resume, so a cut-off call can be repeated.
 #
-# Usage: bash benchmarks/gpu_study.sh DATA [OUT]
+# Usage: bash studies/gpu_study.sh DATA [OUT]
 # On the device machine (no ../shared there, nerveseg not installed): copy the data into a folder
 # .git/info/exclude ignores and carry it, e.g.
 #   here:  mkdir -p .data && cp -r ../shared/data/usgra-seg .data/   (31 MB; .data/ in .git/info/exclude)
-#   there: PYTHONPATH=src NERVESEG="python3 -m nerveseg" bash benchmarks/gpu_study.sh .data/usgra-seg $OUT/study
+#   there: PYTHONPATH=src NERVESEG="python3 -m nerveseg" bash studies/gpu_study.sh .data/usgra-seg $OUT/study
 # Capacity: in issue 3's GPU call, eager SA-UNet took 9.2 s per 256-px epoch under 15-way sharing
 # (launch-bound), so 7 minutes hold about 15 x 45 = 680 fold-epochs: the default arms (e120, s384 and
 # the baseline: about 1,600 fold-epochs at 256-px cost) need COMPILE=reduce-overhead (CUDA graphs; not yet
@@ -20,6 +20,7 @@
 # COMPILE (a torch.compile mode for training, e.g. reduce-overhead),
 # TIME_LIMIT=420 s for training (what has finished by then is scored), EPOCH_SCALE=1 (e.g. 0.02 for a
 # CPU dry run of the script itself), SIZE_OVERRIDE (likewise), NERVESEG=nerveseg.
+case "${1:-}" in -h|--help) sed -n '2,22p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -uo pipefail
 DATA=${1:?usage: gpu_study.sh DATA [OUT]}
 OUT=${2:-runs/gpu_study}
@@ -127,7 +128,7 @@ for arm in "${ORDER[@]}"; do
   [ ${#evals[@]} -gt 0 ] || { echo "== $arm: no finished fold" >> "$summary"; continue; }
   against=()
   [ "$arm" != nerveseg ] && [ ${#base[@]} -gt 0 ] && against=(--against "$OUT/nerveseg_pooled.csv")
-  { echo "== $arm (${ARM[$arm]:-the shipped recipe})"; python3 benchmarks/pool_fold_evals.py "${evals[@]}" "${against[@]}"; } \
+  { echo "== $arm (${ARM[$arm]:-the shipped recipe})"; python3 studies/pool_fold_evals.py "${evals[@]}" "${against[@]}"; } \
     >> "$summary" 2>&1
 done
 echo "- wall time: $(( $(date +%s) - start )) s on $(head -1 "$OUT/gpu.txt"), $WORKERS workers" >> "$summary"

@@ -1,6 +1,6 @@
 """Do the measurement QC flags catch the segmentations that are wrong? Checked on cross-validation.
 
-    python benchmarks/qc_flags_cv.py RUN [RUN ...] --data DATA [--threshold 0.4] [--fail-below 0.3] \
+    python studies/qc_flags_cv.py RUN [RUN ...] --data DATA [--threshold 0.4] [--fail-below 0.3] \
         [--low-confidence 0.7] [--out OUT.json]
 
 RUNs hold ``fold_k/`` runs trained on the same splits; each held-out image's nerve probability is
@@ -19,7 +19,6 @@ flags most right ones, is a defect whether or not the segmentation is accurate o
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -28,10 +27,8 @@ import numpy as np
 from scipy.stats import mannwhitneyu
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from postprocess_cv import dice, finished_folds, fold_probabilities  # noqa: E402
+from common import dice, fold_probabilities, fold_runs_parser, folds_of_every_run, mean_probability, nerve_truth, samples_by_stem  # noqa: E402
 
-from nerveseg.data.io import read_mask  # noqa: E402
-from nerveseg.data.samples import discover_samples  # noqa: E402
 from nerveseg.inference.measure import QC_FLAGS, measure_mask  # noqa: E402
 from nerveseg.io_utils import atomic_write_json  # noqa: E402
 
@@ -55,9 +52,7 @@ def flag_table(flags: list[set[str]], failed: np.ndarray) -> list[dict]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--data", required=True, type=Path)
+    ap = fold_runs_parser(__doc__)
     ap.add_argument("--threshold", type=float, default=0.5)
     ap.add_argument("--fail-below", type=float, default=0.3, help="an image fails when its nerve Dice is below this")
     ap.add_argument("--low-confidence", type=float, default=0.7,
@@ -65,20 +60,17 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    folds = sorted(set.intersection(*[finished_folds(run) for run in args.runs]))
-    if not folds:
-        sys.exit("no fold has finished in every run (fold_k/model.safetensors and fold_k/eval/metrics.json)")
-    samples, _ = discover_samples(args.data)
-    by_stem = {s.stem: s for s in samples}
+    folds = folds_of_every_run(args.runs)
+    by_stem = samples_by_stem(args.data)
 
     dices, flags, confidence, disagreement = [], [], [], []
     for k in folds:
         per_run = [fold_probabilities(run / f"fold_{k}", by_stem) for run in args.runs]
         for stem in sorted(per_run[0]):
             members = [p[stem].astype(np.float32) for p in per_run]
-            prob = np.mean(members, axis=0)
+            prob = mean_probability(members)
             mask = prob >= args.threshold
-            truth = read_mask(by_stem[stem].mask_path, label=1, image_shape=prob.shape)
+            truth = nerve_truth(by_stem[stem], prob.shape)
             dices.append(dice(mask, truth)[0])
             m = measure_mask(mask, prob, low_confidence=args.low_confidence)
             flags.append(set(filter(None, m["qc_flags"].split(";"))))

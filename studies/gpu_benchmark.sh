@@ -4,10 +4,11 @@
 # not fill an H100), each on one CPU thread; then one call summarizes every finished run.
 # Finished runs are never redone, so an interrupted call can be repeated.
 #
-# Usage: bash benchmarks/gpu_benchmark.sh [DATA] [OUT]
+# Usage: bash studies/gpu_benchmark.sh [DATA] [OUT]
 # Protocol (env vars): SEEDS=3 FOLDS=5 EPOCHS=30 SIZE=256 (the paper's recipe), WORKERS=16 (not a multiple of the 5 architectures, so each worker gets a mix of fast and slow ones),
 # TIME_LIMIT=480 seconds for the training phase (what has finished by then is summarized; rerun to
 # finish the rest), NERVESEG="nerveseg" (e.g. "python3 -m nerveseg" where it is not installed).
+case "${1:-}" in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -uo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 OUT=${2:-runs/bench_gpu}

@@ -1,6 +1,6 @@
 """Where a cross-validated model fails: nerve Dice by image format and by true nerve size.
 
-    python benchmarks/cv_breakdown.py RUN/cv_plain/per_image.csv --data ../shared/data/usgra-seg
+    python studies/cv_breakdown.py RUN/cv_plain/per_image.csv --data ../shared/data/usgra-seg
 
 usgra-seg gives no region or subject labels, so the two groupings it does allow are the frame format
 (mode and size, which follow the scanner preset: 512x512 grey, 534x512 RGB, 761x632 RGB), the
@@ -12,20 +12,22 @@ images, Dice mean ± SD, median, complete misses.
 from __future__ import annotations
 
 import argparse
-import csv
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import describe, mean_sd, read_rows  # noqa: E402
+
 
 def table(title: str, groups: dict[str, list[dict]]) -> str:
     lines = [f"| {title} | images | nerve Dice (mean ± SD) | median | complete misses |", "| --- | ---: | --- | ---: | ---: |"]
     for name, rows in groups.items():
-        dice = np.array([float(r["dice"]) for r in rows])
-        misses = sum(int(r["zero_overlap"]) for r in rows)
-        lines.append(f"| {name} | {len(rows)} | {dice.mean():.3f} ± {dice.std(ddof=1):.3f} | {np.median(dice):.3f} | {misses} |")
+        d = describe(rows)
+        lines.append(f"| {name} | {d['n']} | {mean_sd(d)} | {d['dice_median']:.3f} | {d['zero_overlap']} |")
     return "\n".join(lines)
 
 
@@ -34,8 +36,7 @@ def main() -> None:
     ap.add_argument("per_image", type=Path, help="an evaluate folder's per_image.csv (e.g. the --subset cv one)")
     ap.add_argument("--data", required=True, type=Path, help="the dataset folder (images/ read for their format)")
     args = ap.parse_args()
-    with args.per_image.open(newline="") as f:
-        rows = list(csv.DictReader(f))
+    rows = read_rows(args.per_image)
     by_format: dict[str, list[dict]] = {}
     for row in rows:
         with Image.open(args.data / "images" / f"{row['stem']}.png") as image:

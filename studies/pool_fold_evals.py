@@ -1,6 +1,6 @@
 """Pool the held-out evaluations of fold runs that have finished (before the ensemble exists).
 
-    python benchmarks/pool_fold_evals.py RUN/fold_0/eval RUN/fold_1/eval ... [--against OTHER/cv_plain/per_image.csv ...]
+    python studies/pool_fold_evals.py RUN/fold_0/eval RUN/fold_1/eval ... [--against OTHER/cv_plain/per_image.csv ...]
 
 Each argument is an ``nerveseg evaluate --subset val`` folder of one fold model. Prints, for the union
 of their images, nerve Dice mean ± SD, median, zero-overlap and HD95, one line per fold, and, for each
@@ -15,29 +15,28 @@ folder, such as 2-member ensembles per fold.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-from scipy.stats import wilcoxon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import column, describe, load_per_image, mean_sd, paired  # noqa: E402
 
-from nerveseg.evaluation.evaluate import PER_IMAGE_FIELDS, SUMMARY_KEYS, load_roc_histograms, save_roc_histograms, write_per_image
-from nerveseg.evaluation.metrics import RocAccumulator, summarize
-from nerveseg.io_utils import atomic_write_json
+from nerveseg.evaluation.evaluate import (  # noqa: E402
+    PER_IMAGE_FIELDS,
+    SUMMARY_KEYS,
+    load_roc_histograms,
+    save_roc_histograms,
+    write_per_image,
+)
+from nerveseg.evaluation.metrics import RocAccumulator, summarize  # noqa: E402
+from nerveseg.io_utils import atomic_write_json  # noqa: E402
 
 
-def load(path: Path) -> dict[str, dict]:
-    with path.open(newline="") as f:
-        return {row["stem"]: row for row in csv.DictReader(f)}
-
-
-def describe(rows: dict[str, dict]) -> str:
-    dice = np.array([float(r["dice"]) for r in rows.values()])
-    hd95 = np.array([float(r["hd95"]) for r in rows.values()])
-    misses = sum(int(r["zero_overlap"]) for r in rows.values())
-    return (f"Dice {dice.mean():.3f} ± {dice.std(ddof=1):.3f} (median {np.median(dice):.3f}), "
-            f"HD95 {hd95.mean():.1f} px, zero-overlap {misses}/{len(rows)} ({100 * misses / len(rows):.1f}%), n = {len(rows)}")
+def line(rows: dict[str, dict]) -> str:
+    d = describe(rows)
+    return (f"Dice {mean_sd(d)} (median {d['dice_median']:.3f}), HD95 {d['hd95_mean']:.1f} px, "
+            f"zero-overlap {d['zero_overlap']}/{d['n']} ({100 * d['zero_overlap_rate']:.1f}%), n = {d['n']}")
 
 
 def main() -> None:
@@ -48,26 +47,25 @@ def main() -> None:
     args = ap.parse_args()
     pooled: dict[str, dict] = {}
     for folder in args.evals:
-        rows = load(folder / "per_image.csv")
-        print(f"{folder}: {describe(rows)}")
+        rows = load_per_image(folder / "per_image.csv")
+        print(f"{folder}: {line(rows)}")
         pooled.update(rows)
-    print(f"pooled: {describe(pooled)}")
+    print(f"pooled: {line(pooled)}")
     if args.out:
         write_pooled(args.evals, pooled, args.out)
     for other_path in args.against:
-        other = load(other_path)
+        other = load_per_image(other_path)
         stems = sorted(set(pooled) & set(other))
-        a = np.array([float(pooled[s]["dice"]) for s in stems])
-        b = np.array([float(other[s]["dice"]) for s in stems])
-        p = wilcoxon(a, b).pvalue if np.any(a != b) else 1.0
+        a, b = column(pooled, stems=stems), column(other, stems=stems)
+        test = paired(a, b)
         print(f"vs {other_path}: {a.mean():.3f} vs {b.mean():.3f} on the same {len(stems)} images, "
-              f"median difference {np.median(a - b):+.3f}, Wilcoxon p = {p:.3g}")
+              f"median difference {test['median_difference']:+.3f}, Wilcoxon p = {test['p']:.3g}")
 
 
 def write_pooled(evals: list[Path], pooled: dict[str, dict], out: Path) -> dict:
     """evaluate's metrics.json for the union of the folds' images (summarize over their rows, the
     pixel ROC pooled from each fold's roc.npz, the threshold their metrics.json share)."""
-    if len(pooled) != sum(len(load(f / "per_image.csv")) for f in evals):
+    if len(pooled) != sum(len(load_per_image(f / "per_image.csv")) for f in evals):
         raise SystemExit("the evaluations share images: pooling them would count an image twice")
     thresholds = {json.loads((f / "metrics.json").read_text())["threshold"] for f in evals if (f / "metrics.json").exists()}
     if len(thresholds) > 1:

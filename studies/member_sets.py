@@ -1,6 +1,6 @@
 """Score averages of fold models (ensembles of any size) against one reference run, on held-out folds.
 
-    python benchmarks/member_sets.py --data DATA --reference RUN [--folds 1] [--thresholds 0.5,0.4] \
+    python studies/member_sets.py --data DATA --reference RUN [--folds 1] [--thresholds 0.5,0.4] \
         --set RUN_A,RUN_B --set RUN_A,RUN_B,RUN_C ...
 
 Every RUN holds ``fold_k/`` runs trained on the same splits (``--folds 5 --fold k``). For each fold
@@ -23,13 +23,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import wilcoxon
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from postprocess_cv import dice, finished_folds, fold_probabilities  # noqa: E402
+from common import (  # noqa: E402
+    dice,
+    dice_summary,
+    fold_probabilities,
+    folds_of_every_run,
+    mean_probability,
+    mean_sd,
+    nerve_truth,
+    paired,
+    samples_by_stem,
+)
 
-from nerveseg.data.io import read_mask  # noqa: E402
-from nerveseg.data.samples import discover_samples  # noqa: E402
 from nerveseg.io_utils import atomic_write_json  # noqa: E402
 
 
@@ -46,26 +53,19 @@ def main() -> None:
 
     sets = [[Path(r) for r in s.split(",") if r] for s in args.sets]
     runs = sorted({args.reference, *[r for s in sets for r in s]}, key=str)
-    common = set.intersection(*[finished_folds(r) for r in runs])
-    folds = sorted(int(k) for k in args.folds.split(",")) if args.folds else sorted(common)
-    missing = [k for k in folds if k not in common]
-    if not folds or missing:
-        sys.exit(f"folds {missing or 'none'} are not finished in every run "
-                 "(fold_k/model.safetensors and fold_k/eval/metrics.json); train and evaluate them first")
+    folds = folds_of_every_run(runs, [int(k) for k in args.folds.split(",")] if args.folds else None)
     thresholds = [float(t) for t in args.thresholds.split(",")]
-    samples, _ = discover_samples(args.data)
-    by_stem = {s.stem: s for s in samples}
+    by_stem = samples_by_stem(args.data)
 
     probs: dict[Path, dict[str, np.ndarray]] = {r: {} for r in runs}
     for k in folds:
         for r in runs:
             probs[r].update(fold_probabilities(r / f"fold_{k}", by_stem))
     stems = sorted(probs[args.reference])
-    truth = {s: read_mask(by_stem[s].mask_path, label=1, image_shape=probs[args.reference][s].shape) for s in stems}
+    truth = {s: nerve_truth(by_stem[s], probs[args.reference][s].shape) for s in stems}
 
     def score(members: list[Path], threshold: float) -> tuple[np.ndarray, int]:
-        results = [dice(np.mean([probs[m][s].astype(np.float32) for m in members], axis=0) >= threshold, truth[s])
-                   for s in stems]
+        results = [dice(mean_probability([probs[m][s] for m in members]) >= threshold, truth[s]) for s in stems]
         return np.array([d for d, _ in results]), sum(int(miss) for _, miss in results)
 
     reference, _ = score([args.reference], 0.5)
@@ -73,16 +73,14 @@ def main() -> None:
     for members in [[args.reference]] + sets:
         for t in thresholds if members != [args.reference] else [0.5]:
             d, misses = score(members, t)
-            p = float(wilcoxon(d, reference).pvalue) if np.any(d != reference) else 1.0
-            rows.append({"members": [m.name for m in members], "threshold": t, "n": len(stems),
-                         "dice_mean": float(d.mean()), "dice_sd": float(d.std(ddof=1)),
-                         "dice_median": float(np.median(d)), "zero_overlap": misses,
-                         "mean_difference": float((d - reference).mean()), "p": p})
+            test = paired(d, reference)
+            rows.append({"members": [m.name for m in members], "threshold": t, **dice_summary(d, misses),
+                         "mean_difference": test["mean_difference"], "p": test["p"]})
     print(f"held-out folds {','.join(map(str, folds))}, reference {args.reference.name} at threshold 0.5\n")
     print("| members | threshold | n | nerve Dice (mean ± SD) | median | zero-overlap | mean diff | p (Wilcoxon) |")
     print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {' + '.join(r['members'])} | {r['threshold']:.2f} | {r['n']} | {r['dice_mean']:.3f} ± {r['dice_sd']:.3f} | "
+        print(f"| {' + '.join(r['members'])} | {r['threshold']:.2f} | {r['n']} | {mean_sd(r)} | "
               f"{r['dice_median']:.3f} | {r['zero_overlap']}/{r['n']} | {r['mean_difference']:+.3f} | {r['p']:.2g} |")
     if args.out:
         atomic_write_json(args.out, {"folds": folds, "reference": args.reference.name, "rows": rows})

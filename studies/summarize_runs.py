@@ -1,13 +1,13 @@
 """Print a Markdown table of evaluated runs: one row per RUN/eval/metrics.json.
 
-Usage: python benchmarks/summarize_runs.py runs/core
+Usage: python studies/summarize_runs.py runs/core
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
-import sys
 from pathlib import Path
 
 from nerveseg.config import RunConfig
@@ -43,4 +43,6 @@ def main(root: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/core")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", nargs="?", default="runs/core", help="a folder of runs (default runs/core)")
+    main(ap.parse_args().root)

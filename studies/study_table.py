@@ -1,6 +1,6 @@
-"""Tables of issue 10's accuracy study (docs/benchmarks.md), from the runs benchmarks/accuracy_study.sh wrote.
+"""Tables of issue 10's accuracy study (docs/benchmarks.md), from the runs studies/accuracy_study.sh wrote.
 
-Usage: python benchmarks/study_table.py [OUT]   (default runs/study)
+Usage: python studies/study_table.py [OUT]   (default runs/study)
 
 - screening: each lever vs the paper recipe, per-image nerve Dice pooled over folds 0 and 1, paired
   Wilcoxon signed-rank test on the same images;
@@ -11,34 +11,23 @@ Usage: python benchmarks/study_table.py [OUT]   (default runs/study)
 
 from __future__ import annotations
 
-import csv
+import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from nerveseg.evaluation.statistics import paired_wilcoxon
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import column, describe, read_rows  # noqa: E402
+
+from nerveseg.evaluation.statistics import paired_wilcoxon  # noqa: E402
 
 LEVERS = ("paper_last", "vessels", "dice_ce", "deep_sup", "nnaug", "hflip", "poly")
 
 
-def per_image(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def _f(v) -> float:
-    return float(v) if v not in (None, "", "nan") else math.nan
-
-
 def summary(rows: list[dict]) -> tuple[float, float, float, int, int]:
-    dice = [_f(r["dice"]) for r in rows]
-    zero = [r["zero_overlap"] == "1" for r in rows]
-    n = len(dice)
-    mean = sum(dice) / n
-    sd = math.sqrt(sum((d - mean) ** 2 for d in dice) / (n - 1)) if n > 1 else 0.0
-    median = sorted(dice)[n // 2] if n % 2 else 0.5 * sum(sorted(dice)[n // 2 - 1 : n // 2 + 1])
-    return mean, sd, median, sum(zero), n
+    """(mean, SD, median of nerve Dice, complete misses, n)."""
+    d = describe(rows)
+    return d["dice_mean"], d["dice_sd"], d["dice_median"], d["zero_overlap"], d["n"]
 
 
 def tagged(rows, arch, fold=""):
@@ -54,7 +43,7 @@ def screening(root: Path) -> None:
         for fold in (0, 1):
             path = root / f"{lever}_f{fold}" / "eval" / "per_image.csv"
             if path.is_file():
-                rows += tagged(per_image(path), lever, fold)
+                rows += tagged(read_rows(path), lever, fold)
         if rows:
             pooled[lever] = rows
     for lever, rows in pooled.items():
@@ -75,7 +64,7 @@ def cross_validation(root: Path) -> None:
         m = json.loads(metrics_path.read_text())
         classes = m.get("classes") or {"nerve": m}
         for name, c in classes.items():
-            rows = per_image(metrics_path.parent / ("per_image.csv" if name == "nerve" else f"per_image_{name}.csv"))
+            rows = read_rows(metrics_path.parent / ("per_image.csv" if name == "nerve" else f"per_image_{name}.csv"))
             mean, sd, median, zero, n = summary(rows)
             hd95 = c["hd95"]
             print(f"| {metrics_path.parent.parent.name} | {metrics_path.parent.name[3:]} | {name} | {mean:.3f} ± {sd:.3f} | "
@@ -84,14 +73,14 @@ def cross_validation(root: Path) -> None:
     for a, b in pairs:
         pa, pb = root / a / "cv_plain" / "per_image.csv", root / b / "cv_plain" / "per_image.csv"
         if pa.is_file() and pb.is_file():
-            w = paired_wilcoxon(tagged(per_image(pa), a) + tagged(per_image(pb), b), a, b)
+            w = paired_wilcoxon(tagged(read_rows(pa), a) + tagged(read_rows(pb), b), a, b)
             print(f"\n{a} vs {b} (nerve Dice, paired per image): median difference {w['median_difference']:+.4f}, "
                   f"p = {w['p_value']:.3g}, n = {w['n']}")
     base = root / "sa_unet_nerveseg" / "cv_plain" / "per_image.csv"
     for tag in ("tta", "largest_nerve", "largest_both"):
         other = root / "sa_unet_nerveseg" / f"cv_{tag}" / "per_image.csv"
         if base.is_file() and other.is_file():
-            w = paired_wilcoxon(tagged(per_image(other), tag) + tagged(per_image(base), "plain"), tag, "plain")
+            w = paired_wilcoxon(tagged(read_rows(other), tag) + tagged(read_rows(base), "plain"), tag, "plain")
             print(f"sa_unet_nerveseg {tag} vs plain (nerve Dice): median difference {w['median_difference']:+.4f}, "
                   f"p = {w['p_value']:.3g}, n = {w['n']}")
 
@@ -100,28 +89,27 @@ def fold_evaluations(root: Path, name: str) -> list[dict]:
     """Per-image rows of an --all-folds run whose folds were scored one by one (fold_k/eval)."""
     rows = []
     for path in sorted((root / name).glob("fold_*/eval/per_image.csv")):
-        rows += per_image(path)
+        rows += read_rows(path)
     return rows
 
 
 def saunet_vs_unet(root: Path) -> None:
     """SA-UNet vs U-Net under the same recipe, on the images both have scored."""
     sa_path = root / "sa_unet_nerveseg" / "cv_plain" / "per_image.csv"
-    unet = (per_image(root / "unet_nerveseg" / "cv_plain" / "per_image.csv")
+    unet = (read_rows(root / "unet_nerveseg" / "cv_plain" / "per_image.csv")
             if (root / "unet_nerveseg" / "cv_plain" / "per_image.csv").is_file() else fold_evaluations(root, "unet_nerveseg"))
     if not (sa_path.is_file() and unet):
         return
     stems = {r["stem"] for r in unet}
-    sa = [r for r in per_image(sa_path) if r["stem"] in stems]
+    sa = [r for r in read_rows(sa_path) if r["stem"] in stems]
     print("\n| architecture (recipe nerveseg) | params | nerve Dice (mean ± SD) | median | HD95 (px) | zero-overlap | n |")
     print("| --- | ---: | --- | ---: | --- | ---: | ---: |")
     from nerveseg.models import count_parameters, create
 
     for name, rows, arch in (("SA-UNet", sa, "sa_unet"), ("U-Net", unet, "unet")):
         mean, sd, median, zero, n = summary(rows)
-        hd95 = [_f(r["hd95"]) for r in rows]
-        m95 = sum(hd95) / len(hd95)
-        sd95 = math.sqrt(sum((v - m95) ** 2 for v in hd95) / (len(hd95) - 1))
+        hd95 = column(rows, "hd95")
+        m95, sd95 = hd95.mean(), hd95.std(ddof=1)
         params = count_parameters(create(arch, out_channels=2))
         print(f"| {name} | {params:,} | {mean:.3f} ± {sd:.3f} | {median:.3f} | {m95:.1f} ± {sd95:.1f} | {zero}/{n} ({100 * zero / n:.1f}%) | {n} |")
     w = paired_wilcoxon(tagged(sa, "sa") + tagged(unet, "unet"), "sa", "unet")
@@ -139,14 +127,14 @@ CURVE_ARMS = (  # (run prefix, column title); the second of each kind is the `cu
 def learning_curve(root: Path) -> None:
     def rows_of(prefix: str, size: int):
         path = root / f"{prefix}_n{size}" / "eval" / "per_image.csv"
-        return per_image(path) if path.is_file() else None
+        return read_rows(path) if path.is_file() else None
 
     arms = [(prefix, title) for prefix, title in CURVE_ARMS if rows_of(prefix, 5) is not None]
     print("\n| training images | " + " | ".join(f"{title}: Dice | misses" for _, title in arms) + " |")
     print("| ---: |" + " --- | ---: |" * len(arms))
     pre = root / "curve_pretrain" / "eval" / "per_image.csv"
     if pre.is_file():
-        mean, sd, median, zero, n = summary(per_image(pre))
+        mean, sd, median, zero, n = summary(read_rows(pre))
         cells = [f"{mean:.3f} ± {sd:.3f} | {zero}/{n}" if "fine" in prefix else "-- | --" for prefix, _ in arms]
         print("| 0 (the folds-3-4 model alone) | " + " | ".join(cells) + " |")
     tests = []
@@ -171,7 +159,9 @@ def learning_curve(root: Path) -> None:
 
 
 if __name__ == "__main__":
-    root = Path(sys.argv[1] if len(sys.argv) > 1 else "runs/study")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", type=Path, default=Path("runs/study"), help="the study's folder (default runs/study)")
+    root = ap.parse_args().out
     screening(root)
     cross_validation(root)
     saunet_vs_unet(root)

@@ -4,9 +4,10 @@
 # 204 usgra-seg images, nerve label 1, no validation hold-out (the last epoch is kept), one per
 # training seed in SEEDS (default "0 1"), averaged as one ensemble folder when there are several.
 # Seeded and deterministic on CPU; about 25 min of epochs per model on 2 cores.
-# Usage: [SEEDS="0 1"] [THRESHOLD=0.5] [LOW_CONFIDENCE=0.7] bash benchmarks/train_default_model.sh [DATA] [RUN] [CV_METRICS]
+# Usage: [SEEDS="0 1"] [THRESHOLD=0.5] [LOW_CONFIDENCE=0.7] bash studies/train_default_model.sh [DATA] [RUN] [CV_METRICS]
 # CV_METRICS: the recipe's cross-validated metrics.json (for a 2-seed ensemble: the per-fold pairs of
 # `accuracy_study.sh seeds`, pooled by `pool_fold_evals.py --out`); it becomes the model card's figures.
+case "${1:-}" in -h|--help) sed -n '2,9p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -euo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 RUN=${2:-runs/default_model}
@@ -29,7 +30,7 @@ fi
 # copy it into the package without machine paths, export each member's ONNX graph (so the default
 # backend never exports at run time) and write its model card from the cross-validated figures
 cv=(); [ -f "$CV" ] && cv=(--cv-metrics "$CV")
-# THRESHOLD: the probability cut chosen on cross-validation (benchmarks/postprocess_cv.py; docs/MODEL_CARD.md);
-# LOW_CONFIDENCE: the QC flag's cut, chosen the same way (benchmarks/qc_flags_cv.py)
-python benchmarks/ship_default_model.py "$shipped" --name sa_unet_usgra --no-tta --keep-largest '' \
+# THRESHOLD: the probability cut chosen on cross-validation (studies/postprocess_cv.py; docs/MODEL_CARD.md);
+# LOW_CONFIDENCE: the QC flag's cut, chosen the same way (studies/qc_flags_cv.py)
+python studies/ship_default_model.py "$shipped" --name sa_unet_usgra --no-tta --keep-largest '' \
   --threshold "${THRESHOLD:-0.5}" --low-confidence "${LOW_CONFIDENCE:-0.7}" --cv-folds "${CV_FOLDS:-5}" "${cv[@]}"

@@ -5,13 +5,13 @@ folds 3-4, the small training sets (N = 5, 10, 20, 50 images, nested, seeded) co
 and every model is scored on fold 0. The three sets are disjoint, so fine-tuning images are new
 to the pretrained model, as a user's own images would be, and no score is on a training image.
 
-Usage: python benchmarks/learning_curve_views.py DATA OUT   (writes OUT/pretrain, OUT/n5 ..., OUT/eval)
+Usage: python studies/learning_curve_views.py DATA OUT   (writes OUT/pretrain, OUT/n5 ..., OUT/eval)
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,12 @@ def link_view(folder: Path, samples) -> None:
                 os.symlink(Path(path).resolve(), target)
 
 
-def main(data: str, out: str) -> None:
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("data", help="the dataset folder (usgra-seg)")
+    ap.add_argument("out", help="where the views' folders are written")
+    args = ap.parse_args()
+    data, out = args.data, args.out
     samples, _ = discover_samples(data)
     fold = fold_assignment(samples, folds=5, seed=0)
     pool = [s for s in samples if fold[s.stem] in (1, 2)]
@@ -45,4 +50,4 @@ def main(data: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main()

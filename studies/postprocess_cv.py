@@ -1,7 +1,7 @@
 """Choose the nerve threshold and small-region removal by nested cross-validation, as nnU-Net
 chooses its post-processing, for one recipe's fold models or an ensemble of several recipes' ones.
 
-    python benchmarks/postprocess_cv.py RUN [RUN ...] --data DATA --out OUT
+    python studies/postprocess_cv.py RUN [RUN ...] --data DATA --out OUT
 
 Each RUN holds ``fold_k/`` runs trained on the same five splits (``--folds 5 --fold k``). For every
 fold that all RUNs have finished, each fold model's nerve probabilities on fold k's held-out images
@@ -21,74 +21,32 @@ rule each fold chose. The plain rule's Dice is checked against each run's own ``
 
 from __future__ import annotations
 
-import argparse
-import csv
 import itertools
 import sys
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
-from scipy.stats import wilcoxon
 
-from nerveseg.config import RunConfig
-from nerveseg.data.io import read_mask
-from nerveseg.data.media import read_frame
-from nerveseg.data.samples import discover_samples
-from nerveseg.inference.predictor import Predictor
-from nerveseg.io_utils import atomic_path, atomic_write_json
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    apply_rule,
+    dice,
+    dice_summary,
+    fold_probabilities,
+    fold_runs_parser,
+    folds_of_every_run,
+    load_per_image,
+    mean_probability,
+    mean_sd,
+    nerve_truth,
+    paired,
+    samples_by_stem,
+)
+
+from nerveseg.io_utils import atomic_write_json  # noqa: E402
 
 THRESHOLDS = tuple(round(t, 2) for t in np.arange(0.30, 0.701, 0.05))
 FRACTIONS = (0.0, 0.1, 0.2, 0.3, 0.5, 1.0)
-
-
-def finished_folds(run: Path) -> set[int]:
-    """The folds k whose ``run/fold_k`` has its weights and its held-out evaluation."""
-    return {int(d.name.split("_")[1]) for d in run.glob("fold_*")
-            if (d / "model.safetensors").exists() and (d / "eval" / "metrics.json").exists()}
-
-
-def fold_probabilities(fold_run: Path, samples_by_stem: dict) -> dict[str, np.ndarray]:
-    """{stem: (H, W) float16 nerve probability} on the fold run's validation images, cached."""
-    cache = fold_run / "val_probs.npz"
-    config = RunConfig.load(fold_run / "config.json")
-    if cache.exists():
-        with np.load(cache) as z:
-            probs = {k: z[k] for k in z.files}
-        if set(probs) == set(config.val_stems):
-            return probs
-    predictor = Predictor.from_run(fold_run, device="cpu", tta=False)
-    predictor.config.inference.keep_largest = ()
-    probs = {}
-    for stem in config.val_stems:
-        sample = samples_by_stem[stem]
-        image, _, _ = read_frame(sample.image_path, sample.frame)
-        probs[stem] = predictor.predict(image).astype(np.float16)
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **probs)
-    return probs
-
-
-def apply_rule(prob: np.ndarray, threshold: float, fraction: float) -> np.ndarray:
-    mask = prob >= threshold
-    if fraction <= 0 or not mask.any():
-        return mask
-    labels, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = np.bincount(labels.ravel())[1:]
-    keep = np.flatnonzero(sizes >= fraction * sizes.max()) + 1
-    if fraction >= 1:  # exactly one region, the largest (first on ties)
-        keep = keep[:1]
-    return np.isin(labels, keep)
-
-
-def dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, bool]:
-    """(Dice, complete miss) under the policy of nerveseg.evaluation.metrics (truth is never empty here)."""
-    tp = int(np.count_nonzero(pred & truth))
-    total = int(np.count_nonzero(pred)) + int(np.count_nonzero(truth))
-    return (2 * tp / total if total else 1.0), tp == 0
 
 
 def choose(inner: list[np.ndarray], max_zero_overlap: float | None) -> int:
@@ -105,10 +63,13 @@ def choose(inner: list[np.ndarray], max_zero_overlap: float | None) -> int:
     return int(np.flatnonzero(allowed)[np.argmax(dice_mean[allowed])])
 
 
+def _without_n(summary: dict) -> dict:
+    """summary.json's layout: the image count is given once, at the top."""
+    return {k: v for k, v in summary.items() if k != "n"}
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+", type=Path)
-    ap.add_argument("--data", required=True, type=Path)
+    ap = fold_runs_parser(__doc__)
     ap.add_argument("--out", required=True, type=Path)
     ap.add_argument("--fractions", type=lambda t: tuple(float(x) for x in t.split(",")), default=FRACTIONS,
                     help="region-removal fractions to try, e.g. 0 for thresholds only (what a model's config.json "
@@ -118,11 +79,8 @@ def main() -> None:
                          "(e.g. 0.025, the issue's target); default: best Dice alone")
     args = ap.parse_args()
 
-    folds = sorted(set.intersection(*[finished_folds(run) for run in args.runs]))
-    if not folds:
-        sys.exit("no fold has finished in every run (fold_k/model.safetensors and fold_k/eval/metrics.json)")
-    samples, _ = discover_samples(args.data)
-    by_stem = {s.stem: s for s in samples}
+    folds = folds_of_every_run(args.runs)
+    by_stem = samples_by_stem(args.data)
     candidates = list(itertools.product(THRESHOLDS, args.fractions))
     if (0.5, 0.0) not in candidates:
         sys.exit("--fractions must include 0 (the plain rule is the reference)")
@@ -131,14 +89,13 @@ def main() -> None:
     for k in folds:
         per_run = [fold_probabilities(run / f"fold_{k}", by_stem) for run in args.runs]
         for stem in per_run[0]:
-            prob = np.mean([p[stem].astype(np.float32) for p in per_run], axis=0)
+            prob = mean_probability([p[stem] for p in per_run])
             # the probabilities lie on the image's grid: its shape checks the mask without decoding the image again
-            truth = read_mask(by_stem[stem].mask_path, label=1, image_shape=prob.shape)
+            truth = nerve_truth(by_stem[stem], prob.shape)
             scores[stem] = np.array([dice(apply_rule(prob, t, f), truth) for t, f in candidates], dtype=float)
             fold_of[stem] = k
         if len(args.runs) == 1:  # the plain rule must agree with `nerveseg evaluate`'s own figures
-            with (args.runs[0] / f"fold_{k}" / "eval" / "per_image.csv").open(newline="") as f:
-                reference = {r["stem"]: float(r["dice"]) for r in csv.DictReader(f)}
+            reference = {stem: float(r["dice"]) for stem, r in load_per_image(args.runs[0] / f"fold_{k}" / "eval" / "per_image.csv").items()}
             plain_index = candidates.index((0.5, 0.0))
             worst = max(abs(scores[s][plain_index, 0] - reference[s]) for s in per_run[0])
             if worst > 0.01:
@@ -162,12 +119,9 @@ def main() -> None:
     grid_misses = np.sum([scores[s][:, 1] for s in stems], axis=0)
     summary = {
         "runs": [r.name for r in args.runs], "folds": folds, "n": len(stems), "max_zero_overlap": args.max_zero_overlap,
-        "plain": {"dice_mean": float(a.mean()), "dice_sd": float(a.std(ddof=1)), "dice_median": float(np.median(a)),
-                  "zero_overlap": int(sum(scores[s][plain, 1] for s in stems))},
-        "nested": {"dice_mean": float(b.mean()), "dice_sd": float(b.std(ddof=1)), "dice_median": float(np.median(b)),
-                   "zero_overlap": int(sum(chosen_miss[s] for s in stems))},
-        "nested_vs_plain": {"mean_difference": float((b - a).mean()), "median_difference": float(np.median(b - a)),
-                            "p": float(wilcoxon(b, a).pvalue) if np.any(a != b) else 1.0},
+        "plain": _without_n(dice_summary(a, sum(scores[s][plain, 1] for s in stems))),
+        "nested": _without_n(dice_summary(b, sum(chosen_miss[s] for s in stems))),
+        "nested_vs_plain": paired(b, a),
         "per_fold": per_fold,
         # the rule to ship: the same choice made on every fold's images (its figure is optimistic; "nested" is not)
         "rule_on_all_folds": dict(zip(("threshold", "min_region_fraction"),
@@ -183,7 +137,7 @@ def main() -> None:
         f" (best Dice with at most {100 * args.max_zero_overlap:.1f}% misses)" if args.max_zero_overlap is not None else " (best Dice)")
     for name, label in (("plain", "threshold 0.5, keep all regions"), ("nested", chosen_label)):
         d = summary[name]
-        lines.append(f"| {label} | {len(stems)} | {d['dice_mean']:.3f} ± {d['dice_sd']:.3f} | {d['dice_median']:.3f} | "
+        lines.append(f"| {label} | {len(stems)} | {mean_sd(d)} | {d['dice_median']:.3f} | "
                      f"{d['zero_overlap']}/{len(stems)} |")
     t = summary["nested_vs_plain"]
     lines += ["", f"- chosen minus plain, paired per image: mean {t['mean_difference']:+.3f}, median "
