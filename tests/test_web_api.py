@@ -149,7 +149,12 @@ def test_real_server_time_for_a_534x512_png_is_under_300_ms(real):
 
 def test_model_info_health_and_offline_pages(real):
     m = real.get("/api/model").json()
-    assert m["architecture"] == "sa_unet" and m["parameters"] == 455_603 and m["shipped"]
+    from nerveseg.models import count_parameters, create
+    from nerveseg.pretrained import pretrained_dir
+
+    shipped_arch = RunConfig.load(pretrained_dir() / "config.json").model.arch
+    assert m["architecture"] == shipped_arch and m["shipped"]
+    assert m["parameters"] == count_parameters(create(shipped_arch))  # SA-UNet: 455,603
     assert m["classes"][0] == "nerve" and m["card"]["use"].startswith("Not a medical device")
     assert m["recipe"]["epochs"] >= 1 and m["input_size"] >= 64
     from nerveseg.pretrained import pretrained_dir

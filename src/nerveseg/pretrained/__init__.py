@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..errors import InputError
 
-DEFAULT_MODEL = "sa_unet_usgra"
+DEFAULT_MODEL = "nerveseg_nerves"
 
 
 def pretrained_dir(name: str = DEFAULT_MODEL) -> Path:
