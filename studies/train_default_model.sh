@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the model shipped inside the package (src/nerveseg/pretrained/sa_unet_usgra): SA-UNets
+# Reproduce the SA-UNet pair shipped until stop 21 (src/nerveseg/pretrained/sa_unet_usgra, in git history): SA-UNets
 # trained with the recipe chosen on cross-validation in docs/benchmarks.md (`--recipe nerveseg`) on all
 # 204 usgra-seg images, nerve label 1, no validation hold-out (the last epoch is kept), one per
 # training seed in SEEDS (default "0 1"), averaged as one ensemble folder when there are several.

@@ -7,7 +7,7 @@
 #   screen   train each arm on each fold in FOLDS (patient-grouped 5-fold split made within each data
 #            folder, seed 0) and score its held-out images per folder (RUNS/screen/ARM_fK/eval)
 #   final    train the shipped recipe on every image of both folders (no hold-out, last epoch kept)
-#   ship     copy the final run into src/nerveseg/pretrained/ with its ONNX graph and model card
+#   ship     copy the final run (or SHIP_RUN) into src/nerveseg/pretrained/ with its ONNX graph and model card
 # Arms (all --recipe nerveseg: Dice + BCE, poly schedule, shear/hflip/gamma/contrast, last epoch):
 #   effunet_both   efficientnet_unet (ImageNet EfficientNet-Lite0 encoder), both folders, 30 epochs
 #   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
@@ -58,8 +58,11 @@ case "${1:-}" in
     train_run "$RUNS/final/effunet_both" --data "$WRIST" --data "$USGRA" --arch efficientnet_unet --epochs 30 --val-fraction 0
     ;;
   ship)
-    python studies/ship_default_model.py "$RUNS/final/effunet_both" --name nerveseg_nerves --no-tta --keep-largest '' \
-      --threshold 0.5 --low-confidence "${LOW_CONFIDENCE:-0.7}" ${CV_METRICS:+--cv-metrics "$CV_METRICS"}
+    # SHIP_RUN: the run to ship (default the final all-data run; stop 21 shipped the fold-0 run,
+    # SHIP_RUN=runs/wrist/screen/effunet_both_f0, with its held-out figures as CARD_VALIDATION)
+    python studies/ship_default_model.py "${SHIP_RUN:-$RUNS/final/effunet_both}" --name nerveseg_nerves --no-tta --keep-largest '' \
+      --threshold 0.5 --low-confidence "${LOW_CONFIDENCE:-0.7}" ${CV_METRICS:+--cv-metrics "$CV_METRICS"} \
+      ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"}
     ;;
   *)
     sed -n '2,18p' "$0"; exit 2 ;;
