@@ -52,14 +52,29 @@ def test_excess_frames_are_not_decoded(tmp_path):
 
 
 def test_huge_declared_rgb_32_bit_image_is_refused_before_decoding(tmp_path):
-    # 7000x7000 RGB at 32 bits a sample: about 2 GB to decode; the file is a few MB of zeros deflated
+    # 7000x7000 RGB at 32 bits a sample: about 2 GB to decode; the file is a few MB of zeros deflated.
+    # Its data set (588 MB inflated) is refused by the inflation cap before pydicom parses it
     path = _write(tmp_path / "rgb32.dcm", 7000, 7000, bytes(7000 * 7000 * 3 * 4), samples=3, bits=32)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(InputError, match="inflates to more than") as info:
+        read_dicom(path)
+    assert "rgb32.dcm" in str(info.value)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert grown_mb < 1500
+
+
+def test_declared_size_over_the_decode_budget_is_refused_before_decoding(tmp_path, monkeypatch):
+    # 1000x1000 RGB, 32 bits a sample: 12 MB stored, 40 MB to decode (stored + float64 copy + grey frame)
+    monkeypatch.setattr(media, "MAX_DICOM_DECODE_BYTES", 30_000_000)
+    path = _write(tmp_path / "rgb32.dcm", 1000, 1000, bytes(1000 * 1000 * 3 * 4), samples=3, bits=32)
+
+    def never(*args, **kwargs):  # the refusal comes from the header, before any decoding
+        raise AssertionError("decoded")
+
+    monkeypatch.setattr(media, "_decode", never)
     with pytest.raises(InputError, match="GB to decode") as info:
         read_dicom(path)
     assert "rgb32.dcm" in str(info.value) and "fewer frames" in str(info.value)
-    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert grown_mb < 1500  # the data set itself is 588 MB once inflated; nothing is decoded
 
 
 def test_deflated_bomb_is_refused_before_inflating(tmp_path, monkeypatch):

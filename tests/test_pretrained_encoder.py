@@ -89,8 +89,10 @@ def test_contract_any_size_and_classes_and_deep_supervision():
     ds = create("efficientnet_unet", deep_supervision=True).train()
     main, aux = ds(torch.randn(1, 1, 64, 64))
     assert main.shape == (1, 1, 64, 64) and [a.shape[-1] for a in aux] == [32, 16, 8]
-    with pytest.raises(ConfigError, match="decoder_channels"):
-        create("efficientnet_unet", decoder_channels=[16, 16])
+    with pytest.raises(ConfigError, match="features"):
+        create("efficientnet_unet", features=[16, 16])
+    narrow = create("efficientnet_unet", features=(8, 16, 32, 64, 128))  # the registry's widths, shallowest first
+    assert narrow.head.in_channels == 8 and narrow.decoder[0].convs[0].out_channels == 128
 
 
 def test_registry_knows_which_networks_have_a_pretrained_encoder():

@@ -180,7 +180,8 @@ class EfficientNetUNet(SegmentationModel):
     Args:
         in_channels: image channels (1: ultrasound is grey).
         out_channels: logit channels, one per class.
-        decoder_channels: widths of the decoder at strides 16, 8, 4, 2 and 1.
+        features: widths of the decoder at strides 1, 2, 4, 8 and 16, shallowest first (the registry's
+            convention for the five levels; the encoder's widths are EfficientNet-Lite0's own).
         deep_supervision: auxiliary 1x1 heads on the decoder at strides 2, 4, 8 (training only).
 
     Shapes: (B, in_channels, H, W) -> (B, out_channels, H, W) logits, any H, W (padded to 32).
@@ -194,13 +195,14 @@ class EfficientNetUNet(SegmentationModel):
         self,
         in_channels: int = 1,
         out_channels: int = 1,
-        decoder_channels: Sequence[int] = (128, 64, 48, 32, 16),
+        features: Sequence[int] = (16, 32, 48, 64, 128),
         deep_supervision: bool = False,
     ):
         super().__init__()
-        decoder_channels = tuple(int(c) for c in decoder_channels)
-        if len(decoder_channels) != 5 or min(decoder_channels) < 1:
-            raise ConfigError(f"decoder_channels needs 5 positive widths (strides 16, 8, 4, 2, 1), got {list(decoder_channels)}")
+        features = tuple(int(c) for c in features)
+        if len(features) != 5 or min(features) < 1:
+            raise ConfigError(f"features needs 5 positive decoder widths (strides 1, 2, 4, 8, 16), got {list(features)}")
+        decoder_channels = features[::-1]  # built deepest first
         self.encoder = EfficientNetLite0Encoder(in_channels)
         stem_channels = decoder_channels[-1]
         self.full_res_stem = nn.Sequential(
