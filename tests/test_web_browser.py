@@ -90,7 +90,7 @@ def opened(browser, url: str):
     pg.on("pageerror", lambda exc: errors.append(str(exc)))
     pg.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
     pg.goto(url + "/")
-    wait_js(pg, "document.getElementById('model-summary').textContent.includes('sa_unet')")
+    wait_js(pg, "document.getElementById('model-summary').textContent.includes('efficientnet_unet')")  # the shipped model's architecture
     yield pg
     context.close()
     assert not errors, errors  # no script error, no CSP violation
@@ -335,7 +335,7 @@ def test_badges_and_order_survive_a_reload(page, server):
     page.click(f'#case-list li[data-id="{order[0]}"]')  # opening a case must not move it either
 
     page.reload()
-    wait_js(page, "document.getElementById('model-summary').textContent.includes('sa_unet')")
+    wait_js(page, "document.getElementById('model-summary').textContent.includes('efficientnet_unet')")  # the shipped model's architecture
     wait_js(page, f"document.querySelectorAll('#case-list li').length === {len(order)}")
     assert page.evaluate(f"() => {ids}") == order
     text = page.text_content(badges)
