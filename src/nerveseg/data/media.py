@@ -271,13 +271,17 @@ def _deflated_size_within(path: Path, limit: int) -> bool:
                     return True
                 data = inflater.decompress(chunk, 1 << 20)
                 total += len(data)
-                while inflater.unconsumed_tail:  # inflate what is left of this chunk, 1 MB at a time
+                # inflate what is left of this chunk, 1 MB at a time. At the end of the stream zlib may
+                # leave a trailing byte in unconsumed_tail for ever: stop at eof or when nothing comes out
+                while inflater.unconsumed_tail and not inflater.eof and data:
                     data = inflater.decompress(inflater.unconsumed_tail, 1 << 20)
                     total += len(data)
                     if total > limit:
                         return False
                 if total > limit:
                     return False
+                if inflater.eof:
+                    return True
     except zlib.error:
         return True  # pydicom reports the corrupt stream itself
     except Exception:  # a damaged file meta: pydicom's own reading reports it
