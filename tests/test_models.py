@@ -113,6 +113,7 @@ def test_any_input_size_gives_same_size_logits(name, shape):
 
 @pytest.mark.parametrize("name", list_models())
 def test_padding_does_not_leak_between_batch_items_and_predict_is_probability(name):
+    torch.manual_seed(0)  # unseeded weights and inputs put MONAI's attention U-Net 1.3e-5 over atol once in a full run
     model = create(name, features=(8, 16, 32, 64, 128)).eval()
     x = torch.randn(2, 1, 33, 47)
     with torch.no_grad():
