@@ -58,6 +58,7 @@ import numpy as np
 
 from .. import __version__
 from ..data.media import is_dicom, read_dicom, read_dicom_header
+from ..data.spacing import finite_number
 from ..errors import InputError
 from ..io_utils import atomic_path
 
@@ -424,14 +425,7 @@ def _restore_class(dataset, instance_uid: str, class_uid: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def _number(value) -> float | None:
-    if value is None or str(value).strip() == "":
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if np.isfinite(number) else None
+_number = finite_number  # a measurements.csv cell as a finite float, or None
 
 
 def _calibration_kind(row: dict) -> str:

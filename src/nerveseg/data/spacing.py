@@ -101,16 +101,21 @@ class Spacing:
         return f"{self.row_mm:.6g} x {self.col_mm:.6g}"
 
 
-def finite_float(item: Any, keyword: str) -> float | None:
-    """A DICOM element as a finite float, or None when absent, empty or not a number."""
-    value = item.get(keyword)
-    if value is None or value == "":
+def finite_number(value: Any) -> float | None:
+    """``value`` (a DICOM element's value, a CSV cell) as a finite float, or None when absent,
+    blank or not a number."""
+    if value is None or str(value).strip() == "":
         return None
     try:
         number = float(value)
     except (TypeError, ValueError):
         return None
     return number if np.isfinite(number) else None
+
+
+def finite_float(item: Any, keyword: str) -> float | None:
+    """A DICOM element as a finite float, or None when absent, empty or not a number."""
+    return finite_number(item.get(keyword))
 
 
 # ------------------------------------------------------------------------------------------------
