@@ -305,6 +305,85 @@ def test_slow_uploads_hold_no_slot_and_stalled_bodies_never_block_the_page(tmp_p
                 s.close()
 
 
+def test_stalled_bodies_hold_no_in_flight_place_an_upload_needs(tmp_path):
+    """Before: 64 PUT bodies that sent nothing held the API's 64 in-flight places, so the next
+    upload was answered 503 until they timed out. A place is now taken once the body is here."""
+    with running_server(tmp_path, body_timeout_s=30) as srv:
+        port = srv["port"]
+        status, body = request(port, "POST", "/api/cases?name=a.png", png_bytes(grey()))
+        assert status == 201
+        case_id = json.loads(body)["id"]
+        stalled = [open_body(port, "PUT", f"/api/cases/{case_id}/frames/0/mask", 1000) for _ in range(70)]
+        try:
+            time.sleep(1.5)  # every stalled body is in the app, awaited
+            status, _ = request(port, "POST", "/api/cases?name=b.png", png_bytes(grey(seed=1)))
+            assert status == 201, "an upload was refused while stalled bodies were open"
+            status, _ = request(port, "GET", f"/api/cases/{case_id}")
+            assert status == 200
+        finally:
+            for s in stalled:
+                s.close()
+
+
+@pytest.mark.parametrize("headers, expected", [
+    ({}, False),
+    ({b"content-length": b"0"}, False),
+    ({b"content-length": b"12"}, True),
+    ({b"content-length": b" 7 "}, True),
+    ({b"content-length": b"-1"}, False),
+    ({b"content-length": b"abc"}, False),
+    ({b"transfer-encoding": b"chunked"}, True),
+    ({b"transfer-encoding": b"gzip, Chunked"}, True),
+])
+def test_announces_body_reads_content_length_and_chunked(headers, expected):
+    from nerveseg.web.security import announces_body
+    assert announces_body(headers) is expected
+
+
+def test_in_flight_cap_counts_a_body_request_once_its_body_has_arrived(tmp_path):
+    """The middleware alone, with one place: a GET while the place is taken gets 503 at once; a
+    body request passes the door, and is refused with 503 busy only when its body is complete."""
+    from nerveseg.web.security import InFlightFull, SecurityMiddleware
+
+    seen = []
+
+    async def app(scope, receive, send):  # reads the body, then answers 204
+        while True:
+            message = await receive()
+            seen.append(message["type"])
+            if not message.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    middleware = SecurityMiddleware(app, ServeSettings(model_dir=tmp_path, workspace=tmp_path), max_in_flight=1)
+
+    def call(method, headers, parts):
+        sent = []
+        queue = [{"type": "http.request", "body": b, "more_body": i < len(parts) - 1} for i, b in enumerate(parts)]
+
+        async def receive():
+            return queue.pop(0)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": "/api/cases", "headers": [(b"host", b"127.0.0.1")] + headers}
+        asyncio.run(middleware(scope, receive, send))
+        return sent[0]["status"]
+
+    assert call("GET", [], [b""]) == 204 and middleware.in_flight == 0  # a free place: served, then given back
+    middleware.in_flight = 1  # the one place is taken
+    assert call("GET", [], [b""]) == 503 and len(seen) == 1  # refused at the door: the app never ran
+    with pytest.raises(InFlightFull) as refused:
+        call("PUT", [(b"content-length", b"6")], [b"abc", b"def"])
+    assert refused.value.status_code == 503 and refused.value.headers["Retry-After"] == "2"
+    assert len(seen) == 2  # the first part reached the app; the refusal came with the last one
+    assert middleware.in_flight == 1  # a refused request gives back nothing it did not take
+    middleware.in_flight = 0
+    assert call("PUT", [(b"content-length", b"6")], [b"abc", b"def"]) == 204 and middleware.in_flight == 0
+
+
 def test_stalled_and_crawling_bodies_get_408_and_half_headers_are_closed(tmp_path):
     with running_server(tmp_path, body_timeout_s=1, header_timeout_s=1) as srv:
         port = srv["port"]

@@ -109,7 +109,8 @@ def create_app(settings: ServeSettings, loader: Callable[[Path], object] | None 
 
     @app.exception_handler(HTTPException)  # Starlette's: also the router's own 404/405
     async def http_error(request: Request, exc: HTTPException):
-        return _error(exc.status_code, str(exc.detail), "http_" + str(exc.status_code), getattr(exc, "headers", None))
+        code = getattr(exc, "code", None) or "http_" + str(exc.status_code)
+        return _error(exc.status_code, str(exc.detail), code, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):

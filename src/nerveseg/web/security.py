@@ -14,7 +14,9 @@ request bodies.
   this server's own origin (no cross-site uploads from another tab).
 * **In flight**: at most ``max_in_flight`` API requests at once; the page itself (``/``, its
   static files, ``/docs``, ``/openapi.json``) and ``/api/health`` are never counted or refused
-  here, so a crowd of slow uploads cannot make the page or the liveness check answer 503.
+  here, so a crowd of slow uploads cannot make the page or the liveness check answer 503. A
+  request that announces a body takes its place only once that body has arrived: bodies that
+  never come hold a connection until the body timeout, never a place another upload needs.
 * **Slow bodies**: a body that sends nothing for ``body_timeout_s`` seconds, or that averages
   under :data:`MIN_BODY_RATE` once it has taken that long (1 byte/s "slowloris" uploads), is
   answered 408 and its connection closed. The upload limiter's slot is taken only after the body
@@ -54,6 +56,7 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 ALWAYS_ON = ("/", "/api/health", "/docs", "/openapi.json")
 ALWAYS_ON_PREFIX = "/static/"
 MIN_BODY_RATE = 1024  # bytes/s: the slowest body accepted once it has taken body_timeout_s
+BUSY = "the server is busy; try again in a moment"
 
 # a Host header is a name or an IP literal in brackets, then at most ":port"; anything else
 # ("[::1]evil.com", "localhost:80:80", "a b") is refused, not parsed leniently into a loopback name
@@ -69,11 +72,33 @@ def host_name(host: str) -> str | None:
     return f"[{m['v6']}]" if m["v6"] else m["name"]
 
 
-def timed_receive(receive, idle_s: float, min_rate: float = MIN_BODY_RATE):
+class InFlightFull(HTTPException):
+    """Raised when a request's body has arrived and every in-flight place is taken: 503 ``busy``
+    with Retry-After, as for a request refused on arrival. An HTTPException because FastAPI turns
+    any other exception raised while it parses a body into a 400."""
+
+    code = "busy"
+
+    def __init__(self):
+        super().__init__(503, BUSY, headers={"Retry-After": "2"})
+
+
+def announces_body(headers: dict[bytes, bytes]) -> bool:
+    """Whether a request says a body follows: ``Content-Length`` above 0 or a chunked
+    ``Transfer-Encoding`` (HTTP/1.1's only two ways to send one)."""
+    if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        return True
+    length = headers.get(b"content-length", b"").strip()
+    return length.isdigit() and int(length) > 0
+
+
+def timed_receive(receive, idle_s: float, min_rate: float = MIN_BODY_RATE, on_body_complete=None):
     """``receive`` with a read timeout while the request body arrives: 408 (and the connection
     closed) when a part takes more than ``idle_s`` seconds, or when the body has averaged under
     ``min_rate`` bytes/s after ``idle_s``. Once the body is complete it is ``receive`` itself
-    (Starlette then waits there for a disconnect, which may rightly take long)."""
+    (Starlette then waits there for a disconnect, which may rightly take long).
+    ``on_body_complete()`` runs once, when the last part of the body has arrived (it may raise an
+    HTTPException to refuse the request then)."""
     done = False
     received = 0
     started: float | None = None
@@ -91,6 +116,8 @@ def timed_receive(receive, idle_s: float, min_rate: float = MIN_BODY_RATE):
                                      "(a slow or stalled connection is cut off)", headers={"Connection": "close"}) from None
         if message["type"] != "http.request" or not message.get("more_body", False):
             done = True
+            if on_body_complete is not None and message["type"] == "http.request":
+                on_body_complete()
             return message
         received += len(message.get("body", b""))
         elapsed = time.monotonic() - started
@@ -143,12 +170,27 @@ class SecurityMiddleware:
                 return await send_json(send, 401, "missing or wrong token: send 'Authorization: Bearer <token>' "
                                                   "(the --token the server was started with)", "unauthorized",
                                        [(b"www-authenticate", b'Bearer realm="nerveseg"')])
-        counted = not (method in SAFE_METHODS and (path in ALWAYS_ON or path.startswith(ALWAYS_ON_PREFIX)))
-        if counted and self.in_flight >= self.max_in_flight:
-            return await send_json(send, 503, "the server is busy; try again in a moment", "busy", [(b"retry-after", b"2")])
-        self.in_flight += counted
+        counts = not (method in SAFE_METHODS and (path in ALWAYS_ON or path.startswith(ALWAYS_ON_PREFIX)))
+        places = 0  # the in-flight places this request holds (0 or 1), given back in `finally`
+        if counts and not announces_body(raw):
+            if self.in_flight >= self.max_in_flight:
+                return await send_json(send, 503, BUSY, "busy", [(b"retry-after", b"2")])
+            self.in_flight += 1
+            places = 1
+
+        def take_place_after_body():
+            # the body is here: only now does this request compete for a place (a body that never
+            # arrives is cut off by the read timeout instead, holding no place meanwhile)
+            nonlocal places
+            if not counts or places:
+                return
+            if self.in_flight >= self.max_in_flight:
+                raise InFlightFull()
+            self.in_flight += 1
+            places = 1
+
         is_api = path.startswith("/api/")
-        receive = timed_receive(receive, self.settings.body_timeout_s)
+        receive = timed_receive(receive, self.settings.body_timeout_s, on_body_complete=take_place_after_body)
 
         async def send_with_headers(message):
             if message["type"] == "http.response.start":
@@ -162,4 +204,4 @@ class SecurityMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         finally:
-            self.in_flight -= counted
+            self.in_flight -= places
