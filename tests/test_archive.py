@@ -17,7 +17,8 @@ from PIL import Image
 from nerveseg.cli import main
 from nerveseg.errors import InputError
 from nerveseg.inference.archive import collect
-from nerveseg.inference.segment import plan_inputs, read_input_list, segment_files, shard_file_names, shard_of
+from nerveseg.inference.planning import plan_inputs, read_input_list, shard_file_names, shard_of
+from nerveseg.inference.segment import segment_files
 from test_batch_semantics import CountingPredictor
 from test_segment_media import DiscPredictor, _write_cine
 

@@ -16,7 +16,9 @@ from PIL import Image
 
 from nerveseg.errors import OutputError
 from nerveseg.inference import segment as segment_module
-from nerveseg.inference.segment import SegmentOptions, completed_inputs, expand_inputs, segment_files
+from nerveseg.inference.planning import expand_inputs
+from nerveseg.inference.resume import completed_inputs
+from nerveseg.inference.segment import SegmentOptions, segment_files
 from test_segment_media import DiscPredictor, _frames_in, _write_cine
 
 
@@ -277,7 +279,7 @@ def test_full_disk_during_a_loop_leaves_no_video_under_its_final_name(tmp_path, 
 
 
 def test_resume_removes_only_what_an_interrupted_write_left(tmp_path):
-    from nerveseg.inference.segment import remove_stale_temporaries
+    from nerveseg.inference.resume import remove_stale_temporaries
 
     out = tmp_path / "out"
     (out / "loop_masks").mkdir(parents=True)

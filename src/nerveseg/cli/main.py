@@ -229,7 +229,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from ..inference import segment_files
     from ..inference.calibration import spacing_from_user
     from ..inference.onnx_backend import load_predictor
-    from ..inference.segment import SegmentOptions, parse_shard, plan_inputs
+    from ..inference.planning import parse_shard, plan_inputs
+    from ..inference.segment import SegmentOptions
     from ..pretrained import resolve_model
 
     if not args.inputs and args.list is None:

@@ -63,7 +63,7 @@ from ..errors import InputError
 from ..io_utils import atomic_path
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..inference.segment import PlannedInput
+    from ..inference.planning import PlannedInput
 
 __all__ = [
     "NERVESEG_SCHEME",

@@ -22,7 +22,8 @@ from typing import Sequence
 
 from ..errors import ConfigError, InputError
 from ..io_utils import atomic_write_json, csv_values
-from .segment import shard_file_names, write_measurements
+from .planning import shard_file_names
+from .segment import write_measurements
 
 _SHARD_TABLE = re.compile(r"^measurements\.shard-(\d+)-of-(\d+)\.csv$")
 
