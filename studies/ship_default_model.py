@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from nerveseg.config import RunConfig
-from nerveseg.inference.onnx_backend import _load_torch_model, export_onnx, weights_sha256
+from nerveseg.inference.onnx_backend import export_onnx, weights_sha256
+from nerveseg.inference.onnx_session import load_torch_model
 from nerveseg.io_utils import atomic_write_json
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "nerveseg" / "pretrained"
@@ -48,7 +49,7 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None,
             ship_run(run / member, dest / member)
         return
     shutil.copyfile(run / "model.safetensors", dest / "model.safetensors")
-    export_onnx(_load_torch_model(dest, config), dest / "model.onnx", 18, config=config,
+    export_onnx(load_torch_model(dest, config), dest / "model.onnx", 18, config=config,
                 weights_hash=weights_sha256(dest / "model.safetensors"))
 
 

@@ -207,12 +207,12 @@ def test_legacy_exporter_for_opset_17(tmp_path):
 
 
 def test_falls_back_to_the_legacy_exporter_when_torch_export_fails(tmp_path, monkeypatch):
-    from nerveseg.inference import onnx_backend
+    from nerveseg.inference import onnx_export
 
     def fail(*args, **kwargs):
         raise RuntimeError("torch.export cannot capture this")
 
-    monkeypatch.setattr(onnx_backend, "_export_dynamo", fail)
+    monkeypatch.setattr(onnx_export, "_export_dynamo", fail)
     with pytest.warns(UserWarning, match="TorchScript"):
         path = export_onnx(create("unet", **SMALL).eval(), tmp_path / "m.onnx")
     assert {o.version for o in onnx.load(str(path)).opset_import if o.domain in ("", "ai.onnx")} == {18}
