@@ -47,7 +47,7 @@ NEW_FIELDS_OFF = {
 
 
 def _cli_config(argv):
-    from nerveseg.cli.main import _train_config
+    from nerveseg.cli.train_commands import _train_config
 
     return _train_config(build_parser().parse_args(["train", *argv]))
 

@@ -281,16 +281,17 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(tmp_path, capsys):
 
 
 def test_ctrl_c_during_segment_names_segment(monkeypatch, capsys):
-    cli = importlib.import_module("nerveseg.cli.main")  # the package's `main` is the function
+    segment_commands = importlib.import_module("nerveseg.cli.segment_commands")
+    clinical_commands = importlib.import_module("nerveseg.cli.clinical_commands")
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "cmd_segment", interrupted)
+    monkeypatch.setattr(segment_commands, "cmd_segment", interrupted)
     assert main(["segment", "x.png", "--out", "o"]) == 130
     err = capsys.readouterr().err
     assert "(segment: --resume continues)" in err and "train:" not in err
-    monkeypatch.setattr(cli, "cmd_report", interrupted)
+    monkeypatch.setattr(clinical_commands, "cmd_report", interrupted)
     assert main(["report", "--manifest", "m", "--measurements", "x", "--out", "o"]) == 130
     assert "--resume" not in capsys.readouterr().err  # report has nothing to resume
 

@@ -4,17 +4,11 @@ from __future__ import annotations
 
 import argparse
 import errno
-import math
 import socket
 import sys
 from pathlib import Path
 
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+from .common import _positive_float
 
 
 def _missing_web_dependencies() -> list[str]:
