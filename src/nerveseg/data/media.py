@@ -19,6 +19,7 @@ The pixel size rules (ultrasound regions, Pixel Spacing) live in :mod:`nerveseg.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import struct
@@ -663,30 +664,40 @@ def _av():
     return av
 
 
-def video_info(path: str | Path) -> dict:
-    """Frame count (may be 0 when the container does not say), frame rate, size."""
+@contextlib.contextmanager
+def _video_stream(path: str | Path, failure: str = "cannot open video",
+                  fix: str = "check the file is a complete MP4/AVI") -> Iterator[tuple]:
+    """(container, its first video stream), open for the ``with`` block. Whatever PyAV or FFmpeg
+    raises on a damaged file, in the block too, becomes ``InputError(path, failure (...), fix)``;
+    MemoryError outside FFmpeg's own passes through to the caller's limits."""
     av = _av()
     try:
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
-            stream = container.streams.video[0]
-            rate = float(stream.average_rate) if stream.average_rate else None
-            if rate is not None and not (math.isfinite(rate) and rate > 0):
-                rate = None
-            width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+            yield container, container.streams.video[0]
     except InputError:
         raise
     except av.error.FFmpegError as exc:  # includes av.error.MemoryError: FFmpeg's ENOMEM for a damaged header
-        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+        raise InputError(path, f"{failure} ({type(exc).__name__}: {exc})", fix) from None
     except MemoryError:
         raise
-    except Exception as exc:  # PyAV also raises AttributeError, UnicodeDecodeError, ... on damaged headers
-        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+    except Exception as exc:  # PyAV also raises AttributeError, UnicodeDecodeError, ValueError ... on damaged files
+        raise InputError(path, f"{failure} ({type(exc).__name__}: {exc})", fix) from None
+
+
+def video_info(path: str | Path) -> dict:
+    """Frame count (may be 0 when the container does not say), frame rate, size."""
+    with _video_stream(path) as (_, stream):
+        rate = float(stream.average_rate) if stream.average_rate else None
+        if rate is not None and not (math.isfinite(rate) and rate > 0):
+            rate = None
+        width, height = int(stream.codec_context.width or 0), int(stream.codec_context.height or 0)
+        n_frames = max(int(stream.frames or 0), 0)
     if width * height > MAX_IMAGE_PIXELS:
         raise InputError(path, f"video frames are too large ({width}x{height}); the limit is {MAX_IMAGE_PIXELS:,} pixels",
                          "export the cine loop at the scanner's resolution")
-    return {"n_frames": max(int(stream.frames or 0), 0), "fps": rate, "width": width, "height": height}
+    return {"n_frames": n_frames, "fps": rate, "width": width, "height": height}
 
 
 def _too_many_frames(path: str | Path, max_frames: int, fix: str | None, count: int | None = None) -> InputError:
@@ -703,29 +714,16 @@ def video_frame_count(path: str | Path, stop_after: int | None = None) -> int:
     exact where a duration x frame rate estimate can be off by one, and cheap. ``stop_after``
     stops counting at ``stop_after + 1``: enough to know a limit is passed.
     """
-    av = _av()
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
-            stream = container.streams.video[0]
-            if int(stream.frames or 0) > 0:
-                return int(stream.frames)
-            count = 0
-            for packet in container.demux(stream):
-                if packet.size:  # the last, empty packet only flushes the decoder
-                    count += 1
-                    if stop_after is not None and count > stop_after:
-                        break
-            return count
-    except InputError:
-        raise
-    except av.error.FFmpegError as exc:  # includes av.error.MemoryError: FFmpeg's ENOMEM for a damaged header
-        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # PyAV's own errors on damaged files, as video_info
-        raise InputError(path, f"cannot open video ({type(exc).__name__}: {exc})", "check the file is a complete MP4/AVI") from None
+    with _video_stream(path) as (container, stream):
+        if int(stream.frames or 0) > 0:
+            return int(stream.frames)
+        count = 0
+        for packet in container.demux(stream):
+            if packet.size:  # the last, empty packet only flushes the decoder
+                count += 1
+                if stop_after is not None and count > stop_after:
+                    break
+        return count
 
 
 def read_video_frames(path: str | Path, max_frames: int | None = None, frames_fix: str | None = None) -> Iterator[np.ndarray]:
@@ -734,34 +732,19 @@ def read_video_frames(path: str | Path, max_frames: int | None = None, frames_fi
     With ``max_frames``, an InputError instead of frame ``max_frames + 1``: raised when packet
     ``max_frames + 1`` is demuxed, before it is decoded (a packet holds one frame; decoded
     frames are counted too, for the odd container that packs two)."""
-    av = _av()
     packets = frames = 0
-    try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise InputError(path, "file has no video stream", "pass an MP4/AVI cine loop or export frames as PNG")
-            stream = container.streams.video[0]
-            for packet in container.demux(stream):
-                if packet.size:
-                    packets += 1
-                    if max_frames is not None and packets > max_frames:
-                        raise _too_many_frames(path, max_frames, frames_fix)
-                for frame in packet.decode():
-                    frames += 1
-                    if max_frames is not None and frames > max_frames:
-                        raise _too_many_frames(path, max_frames, frames_fix)
-                    if frame.width * frame.height > MAX_IMAGE_PIXELS or frame.width <= 0 or frame.height <= 0:
-                        raise InputError(path, f"a video frame is {frame.width}x{frame.height}; the limit is "
-                                               f"{MAX_IMAGE_PIXELS:,} pixels", "export the cine loop at the scanner's resolution")
-                    rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
-                    yield (rgb @ LUMA_WEIGHTS) / 255.0
-    except InputError:
-        raise
-    except av.error.FFmpegError as exc:  # includes av.error.MemoryError (FFmpeg's ENOMEM)
-        raise InputError(path, f"video decoding failed ({type(exc).__name__}: {exc})",
-                         "re-export the cine loop; frames read so far are kept") from None
-    except MemoryError:
-        raise
-    except Exception as exc:  # PyAV's ValueError/AttributeError on damaged streams
-        raise InputError(path, f"video decoding failed ({type(exc).__name__}: {exc})",
-                         "re-export the cine loop; frames read so far are kept") from None
+    with _video_stream(path, "video decoding failed", "re-export the cine loop; frames read so far are kept") as (container, stream):
+        for packet in container.demux(stream):
+            if packet.size:
+                packets += 1
+                if max_frames is not None and packets > max_frames:
+                    raise _too_many_frames(path, max_frames, frames_fix)
+            for frame in packet.decode():
+                frames += 1
+                if max_frames is not None and frames > max_frames:
+                    raise _too_many_frames(path, max_frames, frames_fix)
+                if frame.width * frame.height > MAX_IMAGE_PIXELS or frame.width <= 0 or frame.height <= 0:
+                    raise InputError(path, f"a video frame is {frame.width}x{frame.height}; the limit is "
+                                           f"{MAX_IMAGE_PIXELS:,} pixels", "export the cine loop at the scanner's resolution")
+                rgb = frame.to_ndarray(format="rgb24").astype(np.float32)
+                yield (rgb @ LUMA_WEIGHTS) / 255.0
