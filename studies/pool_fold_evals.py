@@ -7,9 +7,10 @@ of their images, nerve Dice mean ± SD, median, zero-overlap and HD95, one line 
 ``--against`` table, the paired two-sided Wilcoxon signed-rank test on per-image Dice over the images
 both hold (scipy). The same numbers ``evaluate --subset cv`` gives once every fold has finished.
 
-``--out DIR`` also writes the pooled ``per_image.csv``, ``roc.npz`` and ``metrics.json`` in
-``evaluate``'s format (the model card reads it): for fold models that cannot form one ensemble
-folder, such as 2-member ensembles per fold.
+``--out DIR`` also writes the pooled ``per_image.csv``, ``roc.npz``, ``metrics.json`` (with
+``area_agreement``, and ``by_source`` when the rows come from several data folders) and
+``bland_altman.png`` in ``evaluate``'s format (the model card reads it): for fold models that
+cannot form one ensemble folder, such as 2-member ensembles per fold, or folds still training.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ from common import column, describe, load_per_image, mean_sd, paired  # noqa: E4
 
 from nerveseg.evaluation.evaluate import (  # noqa: E402
     PER_IMAGE_FIELDS,
+    RUN_EXTRA_FIELDS,
     SUMMARY_KEYS,
+    agreement_summary,
     load_roc_histograms,
     save_roc_histograms,
+    save_sources_bland_altman,
+    source_summaries,
     write_per_image,
 )
 from nerveseg.evaluation.metrics import RocAccumulator, summarize  # noqa: E402
@@ -51,6 +56,10 @@ def main() -> None:
         print(f"{folder}: {line(rows)}")
         pooled.update(rows)
     print(f"pooled: {line(pooled)}")
+    sources = sorted({r.get("source") or "" for r in pooled.values()})
+    if len(sources) > 1:
+        for source in sources:
+            print(f"  {source}: {line({s: r for s, r in pooled.items() if (r.get('source') or '') == source})}")
     if args.out:
         write_pooled(args.evals, pooled, args.out)
     for other_path in args.against:
@@ -70,19 +79,33 @@ def write_pooled(evals: list[Path], pooled: dict[str, dict], out: Path) -> dict:
     thresholds = {json.loads((f / "metrics.json").read_text())["threshold"] for f in evals if (f / "metrics.json").exists()}
     if len(thresholds) > 1:
         raise SystemExit(f"the evaluations used different thresholds {sorted(thresholds)}: their figures do not pool")
-    rows = [{k: (None if r[k] == "" else r[k]) for k in PER_IMAGE_FIELDS} for r in pooled.values()]
+    fields = PER_IMAGE_FIELDS + tuple(f for f in RUN_EXTRA_FIELDS if all(f in r for r in pooled.values()))
+    rows = [{k: (None if r[k] == "" else r[k]) for k in fields} for r in pooled.values()]
     for r in rows:
         r["truth_empty"] = int(r["area_truth_px"]) == 0
         r["zero_overlap"] = bool(int(r["zero_overlap"]))
+        r["area_pred_px"], r["area_truth_px"] = int(r["area_pred_px"]), int(r["area_truth_px"])
+        for k in ("area_pred_mm2", "area_truth_mm2"):
+            if r.get(k) is not None:
+                r[k] = float(r[k])
+    missing = [str(f) for f in evals if not (f / "roc.npz").is_file()]
+    if missing:
+        raise SystemExit(f"no roc.npz in {', '.join(missing)}: the pooled pixel ROC needs every fold's histograms "
+                         "(run `nerveseg evaluate` there again)")
     roc = RocAccumulator()
     for folder in evals:
         part = load_roc_histograms(folder / "roc.npz")
         roc.pos_hist = roc.pos_hist + part.pos_hist
         roc.neg_hist = roc.neg_hist + part.neg_hist
     out.mkdir(parents=True, exist_ok=True)
-    write_per_image(out / "per_image.csv", [{**r, "zero_overlap": int(r["zero_overlap"])} for r in rows])
+    write_per_image(out / "per_image.csv", [{**r, "zero_overlap": int(r["zero_overlap"])} for r in rows], fields=fields)
     save_roc_histograms(roc, out / "roc.npz")
     summary = summarize(rows, keys=SUMMARY_KEYS)
+    summary["area_agreement"] = agreement_summary(rows)
+    by_source = source_summaries(rows)
+    if by_source:
+        summary["by_source"] = by_source
+    save_sources_bland_altman(rows, out / "bland_altman.png")
     summary.update({"pooled_auc": roc.auc(), "threshold": thresholds.pop() if thresholds else None, "subset": "cv (pooled fold evaluations)",
                     "evaluations": [str(f) for f in evals]})
     atomic_write_json(out / "metrics.json", summary)

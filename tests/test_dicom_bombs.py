@@ -98,3 +98,43 @@ def test_memory_error_becomes_a_clear_input_error(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="more memory") as info:
         read_dicom(path)
     assert "ok.dcm" in str(info.value)
+
+
+def test_a_bomb_in_a_segment_batch_is_reported_and_the_batch_goes_on(tmp_path, monkeypatch, capsys):
+    """Point 1, the CLI: the refused file is one ``error:`` line, the good one is segmented, exit 1."""
+    from nerveseg.cli.main import main
+
+    monkeypatch.setattr(media, "MAX_DICOM_INFLATED_BYTES", 1_000_000)
+    bomb = _write(tmp_path / "bomb.dcm", 1024, 1024, bytes(1024 * 1024 * 2), frames=2)
+    good = _write(tmp_path / "good.dcm", 96, 96, (np.arange(96 * 96) % 251).astype(np.uint8).tobytes())
+    assert main(["segment", str(bomb), str(good), "--out", str(tmp_path / "out"), "--backend", "torch"]) == 1
+    err = capsys.readouterr().err
+    assert "error: " in err and "bomb.dcm" in err and "inflates to more than 1,000,000 bytes" in err
+    assert "Traceback" not in err
+    rows = (tmp_path / "out" / "measurements.csv").read_text().splitlines()
+    assert len(rows) == 2 and "good.dcm" in rows[1] and "bomb.dcm" not in "".join(rows)
+    assert (tmp_path / "out" / "good_mask.png").is_file()
+
+
+def test_the_server_answers_a_bomb_and_a_memory_error_with_a_clear_4xx(tmp_path, monkeypatch):
+    """Point 1, the server: a DICOM that inflates past the cap is 422 naming the file; a MemoryError
+    while decoding is a 4xx that says what to do, never a 500; the server goes on serving."""
+    pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[test]'")
+    from test_web_api import assert_error, make_client
+
+    monkeypatch.setattr(media, "MAX_DICOM_INFLATED_BYTES", 1_000_000)
+    bomb = _write(tmp_path / "bomb.dcm", 1024, 1024, bytes(1024 * 1024 * 2), frames=2).read_bytes()
+    good = _write(tmp_path / "good.dcm", 64, 64, bytes(64 * 64)).read_bytes()
+    with make_client(tmp_path) as c:
+        r = c.post("/api/cases", params={"name": "bomb.dcm"}, content=bomb)
+        assert_error(r, 422, "bomb.dcm", "inflates to more than 1,000,000 bytes")
+
+        def no_memory(*args, **kwargs):
+            raise MemoryError
+
+        monkeypatch.setattr(media, "_decode", no_memory)
+        r = c.post("/api/cases", params={"name": "big.dcm"}, content=good)
+        assert 400 <= r.status_code < 500
+        assert_error(r, r.status_code, "big.dcm", "more memory")
+        monkeypatch.undo()
+        assert c.post("/api/cases", params={"name": "good.dcm"}, content=good).status_code == 201

@@ -325,6 +325,31 @@ def test_stalled_bodies_hold_no_in_flight_place_an_upload_needs(tmp_path):
                 s.close()
 
 
+def test_connections_beyond_max_connections_get_503_and_the_server_recovers(tmp_path):
+    """Point 6's connection limit: with --max-connections 4, three connections that hold a request
+    open make the request on a fourth 503 (uvicorn's limit_concurrency counts the connection that
+    asks); once they close it is served."""
+    with running_server(tmp_path, body_timeout_s=30, max_connections=4) as srv:
+        port = srv["port"]
+        held = []
+        try:
+            for _ in range(3):
+                held.append(open_body(port, "POST", "/api/cases?name=x.png", 1000, b"\x89PNG"))
+                time.sleep(0.3)  # each in the app, its body awaited
+            status, _ = request(port, "GET", "/api/health")
+            assert status == 503
+        finally:
+            for s in held:
+                s.close()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            status, _ = request(port, "GET", "/api/health")
+            if status == 200:
+                break
+            time.sleep(0.2)
+        assert status == 200
+
+
 @pytest.mark.parametrize("headers, expected", [
     ({}, False),
     ({b"content-length": b"0"}, False),

@@ -172,6 +172,27 @@ def agreement_summary(rows: list[dict]) -> dict:
     return out
 
 
+def source_summaries(rows: list[dict]) -> dict[str, dict]:
+    """Each data folder's figures (``summarize`` + :func:`agreement_summary`) when ``rows`` come
+    from several (their ``source``); {} for one folder, whose figures are the pooled ones."""
+    sources = sorted({r.get("source") or "" for r in rows})
+    if len(sources) < 2:
+        return {}
+    out = {}
+    for source in sources:
+        part = [r for r in rows if (r.get("source") or "") == source]
+        out[source] = {**summarize(part, keys=SUMMARY_KEYS), "area_agreement": agreement_summary(part)}
+    return out
+
+
+def save_sources_bland_altman(rows: list[dict], path: Path) -> None:
+    """The Bland-Altman plot of predicted vs expert nerve area (px), one series per data folder."""
+    sources = sorted({r.get("source") or "" for r in rows})
+    save_bland_altman_plot({source or "all": ([r["area_pred_px"] for r in rows if (r.get("source") or "") == source],
+                                              [r["area_truth_px"] for r in rows if (r.get("source") or "") == source])
+                            for source in sources}, path)
+
+
 def evaluate_run(
     run_dir: str | Path,
     data_dir: str | Path | Sequence[str | Path],
@@ -242,15 +263,10 @@ def evaluate_run(
     summary = summarize(rows[nerve], keys=SUMMARY_KEYS)
     summary["pooled_auc"] = rocs[nerve].auc()
     summary["area_agreement"] = agreement_summary(rows[nerve])
-    sources = sorted({r["source"] for r in rows[nerve]})
-    if len(sources) > 1:  # several data folders: each one's figures as well as the pooled ones
-        summary["by_source"] = {}
-        for source in sources:
-            part = [r for r in rows[nerve] if r["source"] == source]
-            summary["by_source"][source] = {**summarize(part, keys=SUMMARY_KEYS), "area_agreement": agreement_summary(part)}
-    save_bland_altman_plot({source or "all": ([r["area_pred_px"] for r in rows[nerve] if r["source"] == source],
-                                              [r["area_truth_px"] for r in rows[nerve] if r["source"] == source])
-                            for source in sources}, out / "bland_altman.png")
+    by_source = source_summaries(rows[nerve])
+    if by_source:
+        summary["by_source"] = by_source
+    save_sources_bland_altman(rows[nerve], out / "bland_altman.png")
     summary.update(
         {
             "threshold": threshold,
