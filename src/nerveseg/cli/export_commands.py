@@ -28,7 +28,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def add_export(sub) -> None:
     p = sub.add_parser("export", help="export a model to ONNX (dynamic height and width)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    group.add_argument("--model", default=None, help="run folder (default: the shipped model, nerveseg_nerves; docs/MODEL_CARD.md)")
     group.add_argument("--arch", default=None, help="export an untrained architecture (benchmarking)")
     p.add_argument("--format", choices=("onnx",), default="onnx")
     p.add_argument("--opset", type=int, default=18)

@@ -136,7 +136,7 @@ def add_segment(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the network (torch and onnxruntime; default: theirs). With N jobs on one "
                         "machine, give each cores/N")
-    p.add_argument("--model", default=None, help="run folder from `nerveseg train` (default: the shipped SA-UNet)")
+    p.add_argument("--model", default=None, help="run folder from `nerveseg train` (default: the shipped model, nerveseg_nerves; docs/MODEL_CARD.md)")
     p.add_argument("--out", required=True)
     p.add_argument("--mm-per-pixel", type=_positive_float, default=None, help="isotropic pixel size in mm (overrides DICOM)")
     p.add_argument("--spacing", type=_spacing_xy, default=None, help="X,Y pixel size in mm (overrides DICOM)")

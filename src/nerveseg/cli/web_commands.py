@@ -110,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def add_web_commands(sub) -> None:
     """Register ``serve`` and ``demo`` on the ``nerveseg`` subparsers."""
     p = sub.add_parser("serve", help="web page + REST API: see, correct and measure nerves in the browser")
-    p.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    p.add_argument("--model", default=None, help="run folder (default: the shipped model, nerveseg_nerves; docs/MODEL_CARD.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only; another needs --token or --no-auth)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workspace", default="nerveseg-workspace",
@@ -141,6 +141,6 @@ def add_web_commands(sub) -> None:
 
     p = sub.add_parser("demo", help="segment the example files shipped with nerveseg (no data needed)")
     p.add_argument("--out", required=True, help="folder for masks, overlays, measurements.csv")
-    p.add_argument("--model", default=None, help="run folder (default: the shipped SA-UNet)")
+    p.add_argument("--model", default=None, help="run folder (default: the shipped model, nerveseg_nerves; docs/MODEL_CARD.md)")
     p.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto")
     p.set_defaults(func=cmd_demo)
