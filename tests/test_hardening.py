@@ -280,6 +280,14 @@ def test_serve_on_a_port_in_use_says_so_and_exits_2(tmp_path, capsys):
     assert "open http" not in err and "loading the model" not in err
 
 
+def test_serve_documents_its_exit_status(capsys):
+    """Point 16: serve's exit codes were undocumented (a busy port exited 3 with uvicorn's errno)."""
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    assert "exit status:" in text and "\n  0  " in text and "\n  2  " in text and "port in\n     use" in text
+
+
 def test_ctrl_c_during_segment_names_segment(monkeypatch, capsys):
     segment_commands = importlib.import_module("nerveseg.cli.segment_commands")
     clinical_commands = importlib.import_module("nerveseg.cli.clinical_commands")

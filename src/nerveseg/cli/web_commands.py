@@ -107,9 +107,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if rows and not demo.result.problems else 1
 
 
+SERVE_EXIT_CODES = """\
+exit status:
+  0  the server was started and stopped (Ctrl-C or SIGTERM: uvicorn finishes the requests in progress)
+  2  it did not start: a bad option, the web extra missing (pip install 'nerveseg[web]'), the port in
+     use or needing administrator rights (the message names the port and a free one), or a model that
+     cannot be loaded
+"""
+
+
 def add_web_commands(sub) -> None:
     """Register ``serve`` and ``demo`` on the ``nerveseg`` subparsers."""
-    p = sub.add_parser("serve", help="web page + REST API: see, correct and measure nerves in the browser")
+    p = sub.add_parser("serve", help="web page + REST API: see, correct and measure nerves in the browser",
+                       epilog=SERVE_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="run folder (default: the shipped model, nerveseg_nerves; docs/MODEL_CARD.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only; another needs --token or --no-auth)")
     p.add_argument("--port", type=int, default=8000)
