@@ -191,7 +191,9 @@ def _sync_bn_worker(rank: int, world: int, port: int, x: torch.Tensor, queue) ->
     y = bn(part)
     (y * torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape).cos()).sum().backward()
     dist.all_reduce(bn.weight.grad)
-    queue.put((rank, y.detach(), part.grad, bn.weight.grad, bn.running_mean, bn.running_var))
+    # numpy copies travel by value: a tensor would travel as a file descriptor that the parent can
+    # only fetch while this process lives, and on a busy machine it may have exited by then
+    queue.put((rank,) + tuple(t.detach().numpy().copy() for t in (y, part.grad, bn.weight.grad, bn.running_mean, bn.running_var)))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -211,7 +213,7 @@ def test_cpu_sync_batchnorm_equals_batchnorm_on_the_whole_batch():
     procs = [ctx.Process(target=_sync_bn_worker, args=(r, 2, port, x, queue)) for r in range(2)]
     for p in procs:
         p.start()
-    results = dict((r[0], r[1:]) for r in (queue.get(timeout=120) for _ in procs))
+    results = dict((r[0], tuple(torch.from_numpy(a) for a in r[1:])) for r in (queue.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
 
