@@ -11,6 +11,9 @@ both hold (scipy). The same numbers ``evaluate --subset cv`` gives once every fo
 ``area_agreement``, and ``by_source`` when the rows come from several data folders) and
 ``bland_altman.png`` in ``evaluate``'s format (the model card reads it): for fold models that
 cannot form one ensemble folder, such as 2-member ensembles per fold, or folds still training.
+``--markdown`` prints, per data folder, a table of each fold and the pooled images: Dice, median,
+misses, and the agreement of the nerve area with the expert's (median absolute error, Bland-Altman
+bias and limits, Lin's CCC), as docs/benchmarks.md shows them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ def main() -> None:
     ap.add_argument("evals", nargs="+", type=Path)
     ap.add_argument("--against", nargs="*", type=Path, default=[])
     ap.add_argument("--out", type=Path, default=None, help="write the pooled per_image.csv, roc.npz and metrics.json here")
+    ap.add_argument("--markdown", action="store_true", help="also print per-folder tables: each fold and the pooled images")
     args = ap.parse_args()
     pooled: dict[str, dict] = {}
     for folder in args.evals:
@@ -62,6 +66,8 @@ def main() -> None:
             print(f"  {source}: {line({s: r for s, r in pooled.items() if (r.get('source') or '') == source})}")
     if args.out:
         write_pooled(args.evals, pooled, args.out)
+    if args.markdown:
+        print(markdown_tables(args.evals))
     for other_path in args.against:
         other = load_per_image(other_path)
         stems = sorted(set(pooled) & set(other))
@@ -69,6 +75,35 @@ def main() -> None:
         test = paired(a, b)
         print(f"vs {other_path}: {a.mean():.3f} vs {b.mean():.3f} on the same {len(stems)} images, "
               f"median difference {test['median_difference']:+.3f}, Wilcoxon p = {test['p']:.3g}")
+
+
+def _table_row(name: str, rows: list[dict]) -> str:
+    d = describe(rows)
+    area = agreement_summary([{"area_pred_px": float(r["area_pred_px"]), "area_truth_px": float(r["area_truth_px"])}
+                              for r in rows])["px"]
+    ba = area["bland_altman"]
+
+    def fmt(value, spec: str) -> str:  # None where a figure is undefined (e.g. CCC of constant areas)
+        return "n/a" if value is None else format(value, spec)
+
+    return (f"| {name} | {d['n']} | {mean_sd(d)} | {d['dice_median']:.3f} | {d['zero_overlap']} | "
+            f"{fmt(area['median_ape_percent'], '.1f')}% | {fmt(ba['bias'], '.0f')} ({fmt(ba['loa_low'], '.0f')} to "
+            f"{fmt(ba['loa_high'], '.0f')}) | {fmt(area['lins_ccc'], '.3f')} |")
+
+
+def markdown_tables(evals: list[Path]) -> str:
+    """One markdown table per data folder (``source``): a row per evaluation, then the pooled images."""
+    folds = [(folder.name, list(load_per_image(folder / "per_image.csv").values())) for folder in evals]
+    sources = sorted({r.get("source") or "" for _, rows in folds for r in rows})
+    out = []
+    for source in sources:
+        out += [f"{source or 'all images'}:", "",
+                "| evaluation | images | nerve Dice | median | misses | median area error | Bland-Altman bias (95% limits), px | Lin's CCC |",
+                "| --- | ---: | --- | ---: | ---: | ---: | --- | ---: |"]
+        mine = [(name, [r for r in rows if (r.get("source") or "") == source]) for name, rows in folds]
+        out += [_table_row(name, rows) for name, rows in mine if rows]
+        out += [_table_row(f"**pooled, {len(mine)} folds**", [r for _, rows in mine for r in rows]), ""]
+    return "\n".join(out)
 
 
 def write_pooled(evals: list[Path], pooled: dict[str, dict], out: Path) -> dict:

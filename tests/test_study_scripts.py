@@ -305,3 +305,45 @@ def test_cited_script_answers_help(interpreter, script, tmp_path):
         assert result.returncode in (0, 2), result.stderr[-2000:]
         said = result.stdout + result.stderr
         assert path.name in said or "usage" in said.lower(), said[-2000:]  # its header: how to call it
+
+
+def test_pooling_reports_each_data_folder_and_the_area_agreement(pool, tmp_path):
+    """Folds of a two-folder run (issue 22): the pooled metrics.json has each folder's figures and the
+    area agreement, equal to evaluation.agreement on the same rows; --markdown's pooled rows agree."""
+    from nerveseg.evaluation.agreement import area_agreement
+
+    rng = np.random.default_rng(3)
+    folders, all_rows = [], []
+    for k, stems in enumerate((["w1", "w2", "u1"], ["w3", "u2", "u3"])):
+        folder = tmp_path / f"fold_{k}"
+        folder.mkdir()
+        rows, roc = [], RocAccumulator()
+        for stem in stems:
+            truth = np.zeros((24, 24), bool)
+            truth[5:15, 6:16 + k] = True
+            prob = np.clip(truth * rng.uniform(0.3, 1.0) + rng.random((24, 24)) * 0.5, 0, 1)
+            roc.update(prob, truth)
+            rows.append({"stem": stem, **image_metrics(prob, truth), "source": "wrist" if stem[0] == "w" else "usgra"})
+        fields = PER_IMAGE_FIELDS + ("source",)
+        write_per_image(folder / "per_image.csv", [{k: r[k] for k in fields} for r in rows], fields=fields)
+        save_roc_histograms(roc, folder / "roc.npz")
+        folders.append(folder)
+        all_rows += rows
+    pooled = {s: r for f in folders for s, r in pool.load_per_image(f / "per_image.csv").items()}
+    summary = pool.write_pooled(folders, pooled, tmp_path / "cv")
+    assert set(summary["by_source"]) == {"wrist", "usgra"}
+    for source in ("wrist", "usgra"):
+        mine = [r for r in all_rows if r["source"] == source]
+        assert summary["by_source"][source]["n_images"] == 3
+        assert summary["by_source"][source]["dice"]["mean"] == pytest.approx(np.mean([r["dice"] for r in mine]), abs=1e-5)
+        expected = area_agreement([r["area_pred_px"] for r in mine], [r["area_truth_px"] for r in mine])
+        got = summary["by_source"][source]["area_agreement"]["px"]
+        assert got["median_ape_percent"] == pytest.approx(expected["median_ape_percent"])
+        assert got["bland_altman"]["bias"] == pytest.approx(expected["bland_altman"]["bias"])
+    assert summary["area_agreement"]["px"]["n"] == 6
+    assert (tmp_path / "cv" / "bland_altman.png").stat().st_size > 0
+    assert "source" in (tmp_path / "cv" / "per_image.csv").read_text().splitlines()[0]
+    table = pool.markdown_tables(folders)
+    wrist = [r for r in all_rows if r["source"] == "wrist"]
+    pooled_row = [line for line in table.splitlines() if line.startswith("| **pooled")][1]  # usgra first, then wrist
+    assert f"{np.mean([r['dice'] for r in wrist]):.3f} ± {np.std([r['dice'] for r in wrist], ddof=1):.3f}" in pooled_row
