@@ -342,6 +342,53 @@ def test_badges_and_order_survive_a_reload(page, server):
     assert "edited" in text and "saved" in text, text
 
 
+def test_an_upload_while_the_list_loads_goes_after_the_older_cases(browser, tmp_path):
+    """The page lists the server's cases in upload order, whatever the timing. Before, it fetched
+    each older case's thumbnail before listing the next one, so a file uploaded meanwhile landed
+    between the older cases (and CI saw the order change on a reload). Here the older cases'
+    thumbnails are held until the upload is done: the new case must still come last."""
+    import urllib.request
+
+    with serving(tmp_path / "ws") as server:
+        body = (EXAMPLES / "usgra_0067.png").read_bytes()
+        for name in ("older_1.png", "older_2.png", "older_3.png"):
+            request = urllib.request.Request(f"{server['url']}/api/cases?name={name}", data=body, method="POST",
+                                             headers={"Content-Type": "application/octet-stream"})
+            with urllib.request.urlopen(request, timeout=60) as response:
+                assert response.status == 201
+        older = [c.id for c in server["app"].state.nerveseg.store.list()]
+        held, holding = [], [True]
+
+        def hold_older_thumbnails(route):
+            if holding[0] and any(f"/api/cases/{i}/thumbnail" in route.request.url for i in older):
+                held.append(route)
+            else:
+                route.continue_()
+
+        context = browser.new_context(viewport={"width": 1400, "height": 860})
+        try:
+            context.route("**/thumbnail.png", hold_older_thumbnails)
+            pg = context.new_page()
+            pg.set_default_timeout(TIMEOUT)
+            errors = []
+            pg.on("pageerror", lambda exc: errors.append(str(exc)))
+            pg.goto(server["url"] + "/")
+            wait_js(pg, "document.getElementById('model-summary').textContent.includes('efficientnet_unet')")
+            upload(pg, "usgra_0053_calibrated.dcm")
+            assert held, "no thumbnail of an older case was requested: the test did not hold the list's loading"
+            holding[0] = False
+            for route in held:
+                route.continue_()
+            ids = "[...document.querySelectorAll('#case-list li')].map((li) => li.dataset.id)"
+            wait_js(pg, "document.querySelectorAll('#case-list li').length === 4")
+            server_order = [c.id for c in server["app"].state.nerveseg.store.list()]
+            assert server_order[:3] == older
+            assert pg.evaluate(f"() => {ids}") == server_order
+            assert not errors, errors
+        finally:
+            context.close()
+
+
 def test_finetune_with_one_saved_case_starts_and_stops_from_the_page(browser, tmp_path):
     """One saved case (a workspace of its own): before, the job failed at once ("a train/val
     split needs at least 2 subjects"), and a running job had no Stop button on the page."""

@@ -272,6 +272,11 @@ function qcBadges(flags) {
 }
 
 async function addCaseToList(c) {
+  appendListItem(c);
+  await refreshThumbnail(c.id);
+}
+
+function appendListItem(c) {  // the list item without its thumbnail, at the end of the list
   const li = document.createElement("li");
   li.dataset.id = c.id;
   li.tabIndex = 0;
@@ -284,7 +289,7 @@ async function addCaseToList(c) {
   updateListItem(c);
   li.addEventListener("click", () => selectCase(c.id));
   li.addEventListener("keydown", (e) => { if (e.key === "Enter") selectCase(c.id); });
-  await refreshThumbnail(c.id);
+  return li;
 }
 
 async function refreshThumbnail(id) {
@@ -1038,9 +1043,17 @@ async function start() {
     await loadModel();
     await refreshFinetune();
     const cases = await apiJSON("/api/cases");
-    for (const c of cases) {
-      if (!S.cases.has(c.id)) { S.cases.set(c.id, c); S.order.push(c.id); await addCaseToList(c); }
-    }
+    // The server's order (upload order) is the list's, whatever the timing: a file the clinician
+    // uploads while this list loads must not land between the older cases. So every item is placed
+    // at once, the server's cases first, and only then are the thumbnails fetched.
+    const list = $("case-list");
+    const known = new Set(cases.map((c) => c.id));
+    const uploadedHere = [...list.children].filter((li) => !known.has(li.dataset.id));
+    const fresh = cases.filter((c) => !S.cases.has(c.id));
+    for (const c of fresh) { S.cases.set(c.id, c); appendListItem(c); }
+    list.replaceChildren(...cases.map((c) => list.querySelector(`li[data-id="${c.id}"]`)).filter(Boolean), ...uploadedHere);
+    S.order = [...list.children].map((li) => li.dataset.id);
+    for (const c of fresh) await refreshThumbnail(c.id);
   } catch (err) { showError(err.message); }
 }
 
