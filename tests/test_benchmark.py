@@ -95,6 +95,32 @@ def test_tiny_benchmark_writes_results_and_resumes(tmp_path, capsys):
     assert "resuming: 3 of 4 runs already finished" in capsys.readouterr().err
 
 
+def test_the_panel_is_drawn_from_the_saved_masks_once_the_weights_are_gone(tmp_path):
+    """A study resumed from archived results (per-image scores and held-out masks, not the weights)
+    draws the same Fig. 4 as the run that still had its models."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "data", 8)
+    out = tmp_path / "bench"
+    args = ["benchmark", "--data", str(data), "--label", "1", "--archs", "sa_unet", "--seeds", "1", "--folds", "2",
+            "--epochs", "1", "--size", "64", "--out", str(out), "--quiet", "--no-latency"]
+    assert main(args) == 0
+    for fold in (0, 1):
+        masks = sorted((out / "runs" / "sa_unet" / f"seed0_fold{fold}" / "eval" / "masks").glob("*.png"))
+        assert len(masks) == 4  # each held-out image of the fold
+        values = np.unique(np.asarray(Image.open(masks[0])))
+        assert set(values.tolist()) <= {0, 255}
+    with_models = np.asarray(Image.open(out / "overlay_panel.png"))
+    for weights in out.glob("runs/*/*/model.safetensors"):
+        weights.unlink()
+    (out / "overlay_panel.png").unlink()
+    assert main(args + ["--resume", "--collect-only"]) == 0
+    assert np.array_equal(np.asarray(Image.open(out / "overlay_panel.png")), with_models)
+
+
 def test_pick_panel_stems_takes_the_hardest_then_typical_images():
     from nerveseg.evaluation.benchmark import pick_panel_stems
 

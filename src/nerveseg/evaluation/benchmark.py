@@ -103,7 +103,9 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
         return
     predictor = Predictor.from_run(run_dir)
     val = select_subset(list(samples_by_stem.values()), predictor, "val")
-    rows_by_class, rocs, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False)
+    # the held-out masks are kept (a few KB each) so that Fig. 4 can be drawn once the weights are gone
+    rows_by_class, rocs, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False,
+                                              mask_dir=run_dir / "eval" / "masks")
     rows, roc = rows_by_class[predictor.class_names[0]], rocs[predictor.class_names[0]]
     save_roc_histograms(roc, run_dir / "eval" / "roc.npz")
     atomic_write_json(run_dir / "eval" / "timing.json", {"train_seconds": train_seconds, "device": _device_name(cfg)})
@@ -405,7 +407,9 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int =
                   path: Path | None = None, tile: int = 256) -> Path | None:
     """The paper's Fig. 4: one row per image, the image then each architecture's prediction (red)
     over the expert's outline (green), each by the seed-``seed`` model of the fold that held the
-    image out. Architectures whose run has not finished are left out; None when nothing is left."""
+    image out: its saved held-out mask (``eval/masks``) where there is one, else the run's model (so a
+    benchmark whose weights were not kept, e.g. resumed from archived results, still draws its panel).
+    Architectures whose run has not finished are left out; None when nothing is left."""
     from PIL import Image, ImageDraw
 
     from ..data.io import read_mask
@@ -428,10 +432,16 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int =
         truth = read_mask(sample.mask_path, label=cfg.label, image_shape=image.shape)
         cells = [make_overlay(image, None, truth)]
         for arch in archs:
-            key = (arch, folds[stem])
-            if key not in predictors:
-                predictors[key] = Predictor.from_run(run_dir_for(out, arch, seed, folds[stem]), device="cpu")
-            cells.append(make_overlay(image, predictors[key].predict(image) >= 0.5, truth))
+            run_dir = run_dir_for(out, arch, seed, folds[stem])
+            saved = run_dir / "eval" / "masks" / f"{stem}.png"
+            if saved.is_file():
+                predicted = read_mask(saved, image_shape=image.shape)
+            else:
+                key = (arch, folds[stem])
+                if key not in predictors:
+                    predictors[key] = Predictor.from_run(run_dir, device="cpu")
+                predicted = predictors[key].predict(image) >= 0.5
+            cells.append(make_overlay(image, predicted, truth))
         rows.append(cells)
     h = tile
     widths = [round(c.shape[1] * h / c.shape[0]) for c in rows[0]]

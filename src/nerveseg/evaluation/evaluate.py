@@ -100,10 +100,13 @@ def evaluate_samples(
     overlays: bool = True,
     progress: bool = True,
     class_labels: Sequence | None = None,
+    mask_dir: str | Path | None = None,
 ) -> tuple[dict[str, list[dict]], dict[str, RocAccumulator], list[InputError]]:
     """Predict and score each sample at its original resolution, per class; unreadable pairs are
     returned. ``class_labels``: the mask label of each of the predictor's classes (default: the
-    run's); ``label`` overrides the first (nerve) one. Returns rows and ROC accumulators by class name."""
+    run's); ``label`` overrides the first (nerve) one. ``mask_dir``: also save each predicted nerve
+    mask there (``STEM.png``, 0/255), so that figures can be drawn later without the model.
+    Returns rows and ROC accumulators by class name."""
     out = Path(out_dir)
     spacing = None if mm_per_pixel is None else (mm_per_pixel, mm_per_pixel)
     names = list(getattr(predictor, "class_names", ["nerve"]))
@@ -132,6 +135,8 @@ def evaluate_samples(
             rows[name].append(row)
         if overlays:
             save_png(make_overlay(image, probs[0] >= threshold, truths[0]), out / "overlays" / f"{sample.stem}.png")
+        if mask_dir is not None:
+            save_png(((probs[0] >= threshold) * 255).astype(np.uint8), Path(mask_dir) / f"{sample.stem}.png")
     return rows, rocs, problems
 
 
