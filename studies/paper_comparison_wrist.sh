@@ -2,41 +2,108 @@
 # Issue 23: the paper's Tables 2-3 on the paper's anatomy, the median nerve at the wrist (mn-wrist).
 # Patient-grouped 5-fold cross-validation (manifest.csv subject), every image scored once by the fold
 # model that never saw its patient, at original resolution; the last epoch is kept (`benchmark` never
-# picks a checkpoint on the reported fold). Resumable: rerun the same phase and finished runs are kept.
+# picks a checkpoint on the reported fold). Resumable across sessions: each finished run's small files
+# (per-image scores, ROC histograms, held-out masks, history, timing) are archived in KEEP, which is
+# committed, and restored before the next call, so a finished run is never trained again.
 #
-# Usage: [SEEDS=1] [SHARD=0/1] bash studies/paper_comparison_wrist.sh PHASE
+# Usage: [SEEDS=1] [SHARD=0/1] [EPOCHS=N] bash studies/paper_comparison_wrist.sh PHASE
+#   pilot      the training length, chosen on fold 0's training patients only: SA-UNet and U-Net,
+#              --recipe paper, PILOT_EPOCHS epochs (default 60) with a patient-grouped 20% of those
+#              patients as validation; prints the epoch where the validation Dice stops rising
+#              (studies/inner_validation.py choose-epochs) -> pass it as EPOCHS to the phases below
 #   paper      SA-UNet and U-Net, --recipe paper (soft Dice, Adam 5e-4, batch 4, shear), 5 folds
 #   nerveseg   SA-UNet and U-Net, --recipe nerveseg (Dice + BCE, poly, flips and intensity), 5 folds
 #   others     U-Net++, Attention U-Net and MultiResUNet, --recipe paper, as many folds as the budget allows
 #   tables     summarize every finished run (results.csv, summary.md with Holm-corrected Wilcoxon tests,
 #              roc.png, overlay_panel.png) without training
-# Environment: SHARED (default ../shared/data), RUNS (default runs/paper_wrist), SEEDS (default 1),
-# SHARD (I/N: this process trains every N-th run from the I-th; several processes may share a folder).
+# Environment: SHARED (default ../shared/data), RUNS (default runs/paper_wrist), KEEP (default
+# docs/results/paper_wrist), SEEDS (default 1), EPOCHS (default the recipe's), SHARD (I/N: this process
+# trains every N-th run from the I-th; several processes may share a folder), THREADS (default 2).
 set -euo pipefail
 SHARED=${SHARED:-../shared/data}
 RUNS=${RUNS:-runs/paper_wrist}
+KEEP=${KEEP:-docs/results/paper_wrist}
 SEEDS=${SEEDS:-1}
 SHARD=${SHARD:-0/1}
+THREADS=${THREADS:-2}
 WRIST="$SHARED/mn-wrist"
+HERE="$(dirname "$0")"
 
-bench() {  # bench OUT ARCHS RECIPE [extra flags]
-  local out=$1 archs=$2 recipe=$3; shift 3
-  local resume=()
-  [ -f "$out/benchmark.json" ] && resume=(--resume)
-  nerveseg benchmark --data "$WRIST" --label 1 --archs "$archs" --recipe "$recipe" --seeds "$SEEDS" --folds 5 \
-    --shard "$SHARD" --out "$out" --quiet "${resume[@]}" "$@"
+restore() {  # restore PHASE: put the archived finished runs back where the benchmark looks
+  [ -d "$KEEP/$1" ] || return 0
+  mkdir -p "$RUNS/$1"
+  cp -rn "$KEEP/$1/." "$RUNS/$1/"
+}
+
+archive() {  # archive PHASE: copy the small files of every finished run (and the tables) into KEEP
+  local out="$RUNS/$1" run rel
+  for run in "$out"/runs/*/*; do
+    [ -f "$run/eval/per_image.csv" ] || continue
+    rel=${run#"$out"/}
+    mkdir -p "$KEEP/$1/$rel/eval"
+    cp "$run/config.json" "$run/history.csv" "$KEEP/$1/$rel/" 2>/dev/null || true
+    cp -r "$run/eval/." "$KEEP/$1/$rel/eval/"
+  done
+  for f in benchmark.json results.csv summary.md roc.png overlay_panel.png efficiency.json; do
+    [ -f "$out/$f" ] && cp "$out/$f" "$KEEP/$1/"
+  done
+  return 0
+}
+
+bench() {  # bench PHASE ARCHS RECIPE: one benchmark call per run of this shard, archived after each
+  local phase=$1 archs=$2 recipe=$3 out="$RUNS/$1"
+  local n_archs total i
+  n_archs=$(echo "$archs" | tr ',' '\n' | wc -l)
+  total=$((SEEDS * 5 * n_archs))
+  restore "$phase"
+  local first=${SHARD%/*} step=${SHARD#*/}
+  local epochs=()
+  [ -n "${EPOCHS:-}" ] && epochs=(--epochs "$EPOCHS")
+  local names
+  IFS=',' read -r -a names <<< "$archs"
+  for ((i = first; i < total; i += step)); do
+    # the benchmark's job order is seed, fold, arch: job i is this run (skipped once finished)
+    local run="$out/runs/${names[i % n_archs]}/seed$((i / (5 * n_archs)))_fold$(((i / n_archs) % 5))"
+    [ -f "$run/eval/per_image.csv" ] && continue
+    local resume=()
+    [ -f "$out/benchmark.json" ] && resume=(--resume)
+    nerveseg benchmark --data "$WRIST" --label 1 --archs "$archs" --recipe "$recipe" --seeds "$SEEDS" --folds 5 \
+      --threads "$THREADS" --shard "$i/$total" --out "$out" --quiet "${resume[@]}" "${epochs[@]}"
+    archive "$phase"
+  done
 }
 
 case "${1:-}" in
-  paper)    bench "$RUNS/paper" sa_unet,unet paper ;;
-  nerveseg) bench "$RUNS/nerveseg" sa_unet,unet nerveseg ;;
-  others)   bench "$RUNS/paper_all" sa_unet,unet,unet_pp,attention_unet,multires_unet paper ;;
+  pilot)
+    data="$RUNS/pilot/data_f0"
+    [ -f "$data/manifest.csv" ] || python "$HERE/inner_validation.py" make-folder "$WRIST" --folds 5 --fold 0 --out "$data"
+    for arch in sa_unet unet; do
+      run="$RUNS/pilot/$arch"
+      if [ ! -f "$run/.trained" ]; then
+        resume=()
+        [ -f "$run/config.json" ] && resume=(--resume)
+        nerveseg train --data "$data" --label 1 --arch "$arch" --recipe paper --epochs "${PILOT_EPOCHS:-60}" \
+          --val-fraction 0.2 --checkpoint last --threads "$THREADS" --quiet --out "$run" "${resume[@]}"
+        touch "$run/.trained"
+      fi
+      mkdir -p "$KEEP/pilot/$arch"
+      cp "$run/history.csv" "$run/config.json" "$KEEP/pilot/$arch/"
+    done
+    python "$HERE/inner_validation.py" choose-epochs "$RUNS/pilot/sa_unet" "$RUNS/pilot/unet" | tee "$KEEP/pilot/choice.json"
+    ;;
+  paper)    bench paper sa_unet,unet paper ;;
+  nerveseg) bench nerveseg sa_unet,unet nerveseg ;;
+  others)   bench paper_all sa_unet,unet,unet_pp,attention_unet,multires_unet paper ;;
   tables)
-    for out in "$RUNS/paper" "$RUNS/nerveseg" "$RUNS/paper_all"; do
-      [ -f "$out/benchmark.json" ] && nerveseg benchmark --data "$WRIST" --label 1 --out "$out" --collect-only --quiet \
+    for phase in paper nerveseg paper_all; do
+      restore "$phase"
+      out="$RUNS/$phase"
+      [ -f "$out/benchmark.json" ] || continue
+      nerveseg benchmark --data "$WRIST" --label 1 --out "$out" --collect-only --quiet --resume \
         --archs "$(python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['archs']))" "$out/benchmark.json")" \
-        --recipe "$(basename "$out" | sed 's/_all//')" --seeds "$SEEDS" --folds 5
+        --recipe "$(echo "$phase" | sed 's/_all//')" --seeds "$SEEDS" --folds 5 ${EPOCHS:+--epochs "$EPOCHS"}
+      archive "$phase"
     done
     ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  *) sed -n '2,23p' "$0"; exit 2 ;;
 esac

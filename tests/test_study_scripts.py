@@ -347,3 +347,96 @@ def test_pooling_reports_each_data_folder_and_the_area_agreement(pool, tmp_path)
     wrist = [r for r in all_rows if r["source"] == "wrist"]
     pooled_row = [line for line in table.splitlines() if line.startswith("| **pooled")][1]  # usgra first, then wrist
     assert f"{np.mean([r['dice'] for r in wrist]):.3f} ± {np.std([r['dice'] for r in wrist], ddof=1):.3f}" in pooled_row
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 23: the training length chosen on the training folds' own validation, and runs archived
+
+
+@pytest.fixture
+def inner():
+    return _script("inner_validation")
+
+
+def test_converged_epoch_by_hand(inner):
+    # trailing 3-epoch means: 0.2, 0.4, 0.6, 0.7, 0.733, 0.75 (epochs 3..8); best 0.75 at epoch 8;
+    # within 0.06 of it first at epoch 6 (0.7)
+    curve = [0.0, 0.3, 0.3, 0.6, 0.9, 0.6, 0.7, 0.95]
+    choice = inner.converged_epoch(curve, window=3, tolerance=0.06)
+    assert choice["epoch"] == 6 and choice["best_at"] == 8
+    assert choice["best_moving_mean"] == pytest.approx(0.75) and choice["moving_mean"] == pytest.approx(0.7)
+    assert inner.converged_epoch(curve, window=3, tolerance=0.0)["epoch"] == 8
+    assert inner.converged_epoch([0.5] * 4, window=2)["epoch"] == 2  # a flat curve: as soon as the window fills
+    with pytest.raises(ValueError, match="fewer than the window"):
+        inner.converged_epoch([0.5, 0.6], window=5)
+
+
+def test_training_side_folder_holds_every_other_fold_and_no_patient_of_the_held_out_one(inner, tmp_path):
+    from conftest import write_ellipse_dataset
+    from nerveseg.data.samples import discover_samples, fold_assignment
+
+    data = write_ellipse_dataset(tmp_path / "data", 20)
+    (data / "manifest.csv").write_text("file,subject\n" + "".join(f"{i:03d}.png,P{i // 2}\n" for i in range(20)))
+    samples, _ = discover_samples(data)
+    folds = fold_assignment(samples, 5, 0)
+    counts = inner.training_side_folder(data, 5, 2, tmp_path / "f2")
+    kept, _ = discover_samples(tmp_path / "f2")
+    held_subjects = {s.subject for s in samples if folds[s.stem] == 2}
+    assert {s.stem for s in kept} == {s.stem for s in samples if folds[s.stem] != 2}
+    assert not {s.subject for s in kept} & held_subjects and len(held_subjects) == 2
+    assert counts == {"training_images": 16, "training_subjects": 8, "held_out_images": 4, "held_out_subjects": 2}
+    # the links lead to the same pixels
+    assert (tmp_path / "f2" / "images" / kept[0].image_path.name).read_bytes() == (data / "images" / kept[0].image_path.name).read_bytes()
+
+
+FAKE_BENCHMARK = r"""#!/usr/bin/env bash
+# a stand-in `nerveseg benchmark`: writes the one run its --shard I/N names (job order seed, fold, arch)
+echo "$*" >> "$CALLS"
+while [ $# -gt 0 ]; do
+  case "$1" in --out) out=$2;; --archs) archs=$2;; --shard) shard=$2;; esac; shift
+done
+IFS=',' read -r -a names <<< "$archs"; n=${#names[@]}; i=${shard%/*}
+run="$out/runs/${names[i % n]}/seed$((i / (5 * n)))_fold$(((i / n) % 5))"
+mkdir -p "$run/eval/masks" && echo "epoch" > "$run/history.csv" && echo "{}" > "$run/config.json"
+echo "stem,dice" > "$run/eval/per_image.csv" && echo png > "$run/eval/masks/a.png" && echo weights > "$run/model.safetensors"
+echo "{}" > "$out/benchmark.json" && echo "| table |" > "$out/summary.md"
+"""
+
+
+def _paper_wrist(tmp_path, *args, **env):
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "nerveseg").write_text(FAKE_BENCHMARK)
+    (bin_dir / "nerveseg").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+                "RUNS": str(tmp_path / "runs"), "KEEP": str(tmp_path / "keep"), **env}
+    result = subprocess.run(["bash", str(STUDIES / "paper_comparison_wrist.sh"), *args], env=full_env,
+                            capture_output=True, text=True, timeout=60)
+    return result, calls.read_text().splitlines()
+
+
+def test_paper_wrist_runs_one_job_a_call_archives_each_and_resumes_from_the_archive(tmp_path):
+    import shutil
+
+    result, calls = _paper_wrist(tmp_path, "paper", SHARD="1/2", EPOCHS="40")
+    assert result.returncode == 0, result.stderr
+    assert [c.split("--shard ")[1].split()[0] for c in calls] == ["1/10", "3/10", "5/10", "7/10", "9/10"]
+    assert all("--epochs 40" in c and "--recipe paper" in c for c in calls)
+    keep = tmp_path / "keep" / "paper"
+    archived = sorted(p.parent.parent.relative_to(keep).as_posix() for p in keep.glob("runs/*/*/eval/per_image.csv"))
+    assert archived == [f"runs/unet/seed0_fold{k}" for k in range(5)]  # odd jobs: U-Net on each fold
+    assert not list(keep.glob("runs/*/*/model.safetensors"))  # the weights are not archived
+    assert (keep / "runs/unet/seed0_fold3/eval/masks/a.png").is_file() and (keep / "summary.md").is_file()
+    # a new session: runs/ is gone; the archive is restored and no finished run is trained again
+    shutil.rmtree(tmp_path / "runs")
+    result, calls = _paper_wrist(tmp_path, "paper", SHARD="1/2", EPOCHS="40")
+    assert result.returncode == 0 and calls == []
+    assert (tmp_path / "runs/paper/runs/unet/seed0_fold4/eval/per_image.csv").is_file()
+    # the other shard trains only its own runs
+    result, calls = _paper_wrist(tmp_path, "paper", SHARD="0/2", EPOCHS="40")
+    assert len(calls) == 5 and len(list(keep.glob("runs/*/*/eval/per_image.csv"))) == 10
