@@ -10,7 +10,8 @@
 #   pilot      the training length, chosen on fold 0's training patients only: SA-UNet and U-Net,
 #              --recipe paper, PILOT_EPOCHS epochs (default 60) with a patient-grouped 20% of those
 #              patients as validation; prints the epoch where the validation Dice stops rising
-#              (studies/inner_validation.py choose-epochs) -> pass it as EPOCHS to the phases below
+#              (studies/inner_validation.py choose-epochs) -> pass it as EPOCHS to the phases below;
+#              PILOT_ARCHS (default "sa_unet unet") trains fewer per session, a finished one is kept in KEEP
 #   paper      SA-UNet and U-Net, --recipe paper (soft Dice, Adam 5e-4, batch 4, shear), 5 folds
 #   nerveseg   SA-UNet and U-Net, --recipe nerveseg (Dice + BCE, poly, flips and intensity), 5 folds
 #   others     U-Net++, Attention U-Net and MultiResUNet, --recipe paper, as many folds as the budget allows
@@ -77,19 +78,20 @@ case "${1:-}" in
   pilot)
     data="$RUNS/pilot/data_f0"
     [ -f "$data/manifest.csv" ] || python "$HERE/inner_validation.py" make-folder "$WRIST" --folds 5 --fold 0 --out "$data"
-    for arch in sa_unet unet; do
-      run="$RUNS/pilot/$arch"
-      if [ ! -f "$run/.trained" ]; then
-        resume=()
-        [ -f "$run/config.json" ] && resume=(--resume)
-        nerveseg train --data "$data" --label 1 --arch "$arch" --recipe paper --epochs "${PILOT_EPOCHS:-60}" \
-          --val-fraction 0.2 --checkpoint last --threads "$THREADS" --quiet --out "$run" "${resume[@]}"
-        touch "$run/.trained"
-      fi
-      mkdir -p "$KEEP/pilot/$arch"
-      cp "$run/history.csv" "$run/config.json" "$KEEP/pilot/$arch/"
+    for arch in ${PILOT_ARCHS:-sa_unet unet}; do
+      run="$RUNS/pilot/$arch" kept="$KEEP/pilot/$arch"
+      [ -f "$kept/.trained" ] && continue  # finished in an earlier session: its curve is in KEEP
+      resume=()
+      [ -f "$run/config.json" ] && resume=(--resume)
+      nerveseg train --data "$data" --label 1 --arch "$arch" --recipe paper --epochs "${PILOT_EPOCHS:-60}" \
+        --val-fraction 0.2 --checkpoint last --threads "$THREADS" --quiet --out "$run" "${resume[@]}"
+      mkdir -p "$kept"
+      cp "$run/history.csv" "$run/config.json" "$kept/"
+      touch "$kept/.trained"
     done
-    python "$HERE/inner_validation.py" choose-epochs "$RUNS/pilot/sa_unet" "$RUNS/pilot/unet" | tee "$KEEP/pilot/choice.json"
+    finished=()
+    for kept in "$KEEP"/pilot/*/; do [ -f "$kept/.trained" ] && finished+=("${kept%/}"); done
+    python "$HERE/inner_validation.py" choose-epochs "${finished[@]}" | tee "$KEEP/pilot/choice.json"
     ;;
   paper)    bench paper sa_unet,unet paper ;;
   nerveseg) bench nerveseg sa_unet,unet nerveseg ;;
@@ -105,5 +107,5 @@ case "${1:-}" in
       archive "$phase"
     done
     ;;
-  *) sed -n '2,23p' "$0"; exit 2 ;;
+  *) sed -n '2,22p' "$0"; exit 2 ;;
 esac

@@ -440,3 +440,59 @@ def test_paper_wrist_runs_one_job_a_call_archives_each_and_resumes_from_the_arch
     # the other shard trains only its own runs
     result, calls = _paper_wrist(tmp_path, "paper", SHARD="0/2", EPOCHS="40")
     assert len(calls) == 5 and len(list(keep.glob("runs/*/*/eval/per_image.csv"))) == 10
+
+
+FAKE_TRAIN = r"""#!/usr/bin/env bash
+# a stand-in `nerveseg train`: a validation curve that rises to 0.8 by epoch 10, then stays flat
+echo "$*" >> "$CALLS"
+while [ $# -gt 0 ]; do
+  case "$1" in --out) out=$2;; --epochs) epochs=$2;; esac; shift
+done
+mkdir -p "$out" && echo "{}" > "$out/config.json" && echo weights > "$out/last.safetensors"
+echo "epoch,train_loss,val_dice,lr,seconds" > "$out/history.csv"
+for ((e = 1; e <= epochs; e++)); do
+  echo "$e,0.5,$(python3 -c "print(min(0.8, 0.08 * $e))"),5e-4,1.0" >> "$out/history.csv"
+done
+"""
+
+
+def test_pilot_chooses_epochs_from_the_training_side_and_a_later_session_trains_only_what_is_missing(tmp_path):
+    import os
+    import shutil
+    import subprocess
+
+    from conftest import write_ellipse_dataset
+
+    data = write_ellipse_dataset(tmp_path / "shared" / "mn-wrist", 20)
+    (data / "manifest.csv").write_text("file,subject\n" + "".join(f"{i:03d}.png,P{i // 2}\n" for i in range(20)))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nerveseg").write_text(FAKE_TRAIN)
+    (bin_dir / "nerveseg").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    keep = tmp_path / "keep"
+
+    def pilot(**env):
+        calls.write_text("")
+        full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+                    "SHARED": str(tmp_path / "shared"), "RUNS": str(tmp_path / "runs"), "KEEP": str(keep),
+                    "PILOT_EPOCHS": "20", **env}
+        result = subprocess.run(["bash", str(STUDIES / "paper_comparison_wrist.sh"), "pilot"], env=full_env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        return calls.read_text().splitlines(), json.loads((keep / "pilot" / "choice.json").read_text())
+
+    # session 1 has time for SA-UNet only: trained on fold 0's training side, never on its held-out patients
+    calls_1, choice = pilot(PILOT_ARCHS="sa_unet")
+    assert len(calls_1) == 1 and "--arch sa_unet" in calls_1[0] and "--recipe paper" in calls_1[0]
+    assert "--epochs 20" in calls_1[0] and "--val-fraction 0.2" in calls_1[0]
+    trained_on = Path(calls_1[0].split("--data ")[1].split()[0])
+    assert len(list((trained_on / "images").iterdir())) == 16  # 4 of 20 images (2 patients) held out
+    # the curve reaches 0.8 at epoch 10; the 5-epoch mean is within 0.01 of its best from epoch 14
+    assert choice["epochs"] == 14 and list(choice["runs"]) == [str(keep / "pilot" / "sa_unet")]
+    assert not list(keep.rglob("*.safetensors"))  # curves and configs only
+    # session 2: runs/ is gone; SA-UNet is not trained again, U-Net is, and both curves choose
+    shutil.rmtree(tmp_path / "runs")
+    calls_2, choice = pilot()
+    assert len(calls_2) == 1 and "--arch unet" in calls_2[0]
+    assert sorted(Path(r).name for r in choice["runs"]) == ["sa_unet", "unet"] and choice["epochs"] == 14
