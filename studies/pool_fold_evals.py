@@ -5,7 +5,7 @@
 Each argument is an ``nerveseg evaluate --subset val`` folder of one fold model. Prints, for the union
 of their images, nerve Dice mean ± SD, median, zero-overlap and HD95, one line per fold, and, for each
 ``--against`` table, the paired two-sided Wilcoxon signed-rank test on per-image Dice over the images
-both hold (scipy). The same numbers ``evaluate --subset cv`` gives once every fold has finished.
+both hold (scipy), and over each data folder's images when they come from several. The same numbers ``evaluate --subset cv`` gives once every fold has finished.
 
 ``--out DIR`` also writes the pooled ``per_image.csv``, ``roc.npz``, ``metrics.json`` (with
 ``area_agreement``, and ``by_source`` when the rows come from several data folders) and
@@ -69,12 +69,27 @@ def main() -> None:
     if args.markdown:
         print(markdown_tables(args.evals))
     for other_path in args.against:
-        other = load_per_image(other_path)
-        stems = sorted(set(pooled) & set(other))
+        for comparison in compare_against(pooled, load_per_image(other_path)):
+            where = "" if comparison["source"] is None else f" ({comparison['source']})"
+            print(f"vs {other_path}{where}: {comparison['mean']:.3f} vs {comparison['other_mean']:.3f} on the same "
+                  f"{comparison['n']} images, median difference {comparison['median_difference']:+.3f}, "
+                  f"Wilcoxon p = {comparison['p']:.3g}")
+
+
+def compare_against(pooled: dict[str, dict], other: dict[str, dict]) -> list[dict]:
+    """Per-image nerve Dice of ``pooled`` against ``other`` on the images both hold: all of them, then
+    each data folder (``source``) on its own when there are several (an arm can win on one anatomy
+    and lose on the other). Paired two-sided Wilcoxon signed-rank test (scipy)."""
+    shared = sorted(set(pooled) & set(other))
+    sources = sorted({pooled[s].get("source") or "" for s in shared})
+    groups = [(None, shared)] + ([(src, [s for s in shared if (pooled[s].get("source") or "") == src]) for src in sources]
+                                 if len(sources) > 1 else [])
+    out = []
+    for source, stems in groups:
         a, b = column(pooled, stems=stems), column(other, stems=stems)
-        test = paired(a, b)
-        print(f"vs {other_path}: {a.mean():.3f} vs {b.mean():.3f} on the same {len(stems)} images, "
-              f"median difference {test['median_difference']:+.3f}, Wilcoxon p = {test['p']:.3g}")
+        out.append({"source": source, "n": len(stems), "mean": float(a.mean()), "other_mean": float(b.mean()),
+                     **paired(a, b)})
+    return out
 
 
 def _table_row(name: str, rows: list[dict]) -> str:

@@ -13,6 +13,11 @@
 #   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
 #   sa_wrist       sa_unet, mn-wrist only, 60 epochs
 #   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
+#   effunet_both_384, effunet_both_45   the wrist levers after the 5-fold figures fell short of 0.90: a 384-px
+#                  input (wrist nerves are a few hundred pixels at 256), 45 epochs; screened on folds 0-1 and
+#                  compared per image with `python studies/pool_fold_evals.py ARM_f0/eval ARM_f1/eval --against
+#                  docs/results/wrist_cv_effunet/per_image.csv` (per folder, paired Wilcoxon)
+# EVAL_TTA=1 also scores each fold with flip test-time augmentation (RUNS/screen/ARM_fK/eval_tta).
 # Environment: SHARED (default ../shared/data), RUNS (default runs/wrist), THREADS (default 2).
 set -euo pipefail
 SHARED=${SHARED:-../shared/data}
@@ -27,6 +32,8 @@ arm_args() {  # the training flags of an arm
   case "$1" in
     effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
+    effunet_both_384) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 384" ;;
+    effunet_both_45)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 45" ;;
     sa_both)       echo "--data $WRIST --data $USGRA --arch sa_unet --epochs 60" ;;
     sa_wrist)      echo "--data $WRIST --arch sa_unet --epochs 60" ;;
     *) echo "unknown arm $1" >&2; return 2 ;;
@@ -51,6 +58,10 @@ case "${1:-}" in
         train_run "$run" $(arm_args "$arm") --folds 5 --fold "$k"
         [ -f "$run/eval/metrics.json" ] || nerveseg evaluate --model "$run" --data "$WRIST" --data "$USGRA" \
           --subset val --out "$run/eval" --quiet --no-overlays
+        if [ "${EVAL_TTA:-0}" = 1 ] && [ ! -f "$run/eval_tta/metrics.json" ]; then
+          nerveseg evaluate --model "$run" --data "$WRIST" --data "$USGRA" --subset val --tta --out "$run/eval_tta" \
+            --quiet --no-overlays
+        fi
       done
     done
     ;;
@@ -65,5 +76,5 @@ case "${1:-}" in
       ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"}
     ;;
   *)
-    sed -n '2,18p' "$0"; exit 2 ;;
+    sed -n '2,21p' "$0"; exit 2 ;;
 esac

@@ -496,3 +496,69 @@ def test_pilot_chooses_epochs_from_the_training_side_and_a_later_session_trains_
     calls_2, choice = pilot()
     assert len(calls_2) == 1 and "--arch unet" in calls_2[0]
     assert sorted(Path(r).name for r in choice["runs"]) == ["sa_unet", "unet"] and choice["epochs"] == 14
+
+
+def test_against_compares_all_images_and_each_data_folder_on_the_images_both_hold(pool):
+    from scipy.stats import wilcoxon
+
+    wrist = {f"w{i}": 0.5 + 0.04 * i for i in range(8)}
+    usgra = {f"u{i}": 0.3 + 0.05 * i for i in range(7)}
+    mine = {s: {"stem": s, "dice": f"{d:.4f}", "source": "mn-wrist" if s[0] == "w" else "usgra-seg"}
+            for s, d in {**wrist, **usgra}.items()}
+    # the other arm: better on the wrist by a varying margin, worse on usgra; it also holds an image mine lacks
+    other_dice = {**{s: d + 0.01 * (i + 1) for i, (s, d) in enumerate(wrist.items())},
+                  **{s: d - 0.02 * (i + 1) for i, (s, d) in enumerate(usgra.items())}, "x9": 0.9}
+    other = {s: {"stem": s, "dice": f"{d:.4f}"} for s, d in other_dice.items()}
+    got = pool.compare_against(mine, other)
+    assert [(c["source"], c["n"]) for c in got] == [(None, 15), ("mn-wrist", 8), ("usgra-seg", 7)]
+    for c, stems in zip(got, (sorted(mine), sorted(wrist), sorted(usgra)), strict=True):
+        a = np.array([round(({**wrist, **usgra})[s], 4) for s in stems])
+        b = np.array([round(other_dice[s], 4) for s in stems])
+        assert c["p"] == pytest.approx(wilcoxon(a, b).pvalue)
+        assert c["mean"] == pytest.approx(a.mean()) and c["other_mean"] == pytest.approx(b.mean())
+    assert got[1]["median_difference"] < 0 < got[2]["median_difference"]  # mine loses on the wrist, wins on usgra
+    # one data folder: only the line over all images
+    assert [c["source"] for c in pool.compare_against({s: mine[s] for s in wrist}, other)] == [None]
+
+
+FAKE_TRAIN_EVALUATE = r"""#!/usr/bin/env bash
+# a stand-in nerveseg: records each call; train writes config.json, evaluate its metrics.json
+echo "$*" >> "$CALLS"
+command=$1
+while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; esac; shift; done
+mkdir -p "$out"
+if [ "$command" = train ]; then echo "{}" > "$out/config.json"; else echo "{}" > "$out/metrics.json"; fi
+"""
+
+
+def test_wrist_levers_train_their_flags_score_with_tta_when_asked_and_skip_what_is_finished(tmp_path):
+    import os
+    import subprocess
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "nerveseg").write_text(FAKE_TRAIN_EVALUATE)
+    (bin_dir / "nerveseg").chmod(0o755)
+    calls = tmp_path / "calls.txt"
+
+    def screen(**env):
+        calls.write_text("")
+        full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
+                    "SHARED": "/data", "RUNS": str(tmp_path / "runs"), **env}
+        result = subprocess.run(["bash", str(STUDIES / "wrist_study.sh"), "screen"], env=full_env,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        return calls.read_text().splitlines()
+
+    made = screen(ARMS="effunet_both_384 effunet_both_45", FOLDS="0", EVAL_TTA="1")
+    trains = [c for c in made if c.startswith("train")]
+    assert len(trains) == 2 and all("--data /data/mn-wrist --data /data/usgra-seg" in c for c in trains)
+    assert "--size 384" in trains[0] and "--epochs 30" in trains[0] and "--fold 0" in trains[0]
+    assert "--epochs 45" in trains[1] and "--size" not in trains[1]
+    evaluations = [c for c in made if c.startswith("evaluate")]
+    assert len(evaluations) == 4 and sum("--tta" in c for c in evaluations) == 2
+    assert all("--subset val" in c for c in evaluations)
+    # a second call: every run is finished and scored, nothing is trained or scored again
+    assert screen(ARMS="effunet_both_384 effunet_both_45", FOLDS="0", EVAL_TTA="1") == []
+    # without EVAL_TTA the flip evaluation is not made
+    assert not [c for c in screen(ARMS="effunet_both_384", FOLDS="1") if "--tta" in c]
