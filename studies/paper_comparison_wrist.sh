@@ -43,6 +43,7 @@ archive() {  # archive PHASE: copy the small files of every finished run (and th
     rel=${run#"$out"/}
     mkdir -p "$KEEP/$1/$rel/eval"
     cp "$run/config.json" "$run/history.csv" "$KEEP/$1/$rel/" 2>/dev/null || true
+    [ -f "$KEEP/$1/$rel/config.json" ] && sed -i "s#$PWD/##g" "$KEEP/$1/$rel/config.json"  # no path of this machine
     cp -r "$run/eval/." "$KEEP/$1/$rel/eval/"
   done
   for f in benchmark.json results.csv summary.md roc.png overlay_panel.png efficiency.json; do
@@ -87,6 +88,7 @@ case "${1:-}" in
         --val-fraction 0.2 --checkpoint last --threads "$THREADS" --quiet --out "$run" "${resume[@]}"
       mkdir -p "$kept"
       cp "$run/history.csv" "$run/config.json" "$kept/"
+      sed -i "s#$PWD/##g" "$kept/config.json"  # the archive is committed: no path of this machine
       touch "$kept/.trained"
     done
     finished=()

@@ -448,7 +448,8 @@ echo "$*" >> "$CALLS"
 while [ $# -gt 0 ]; do
   case "$1" in --out) out=$2;; --epochs) epochs=$2;; esac; shift
 done
-mkdir -p "$out" && echo "{}" > "$out/config.json" && echo weights > "$out/last.safetensors"
+mkdir -p "$out" && echo "{\"data_dir\": \"$PWD/runs/pilot/data_f0\"}" > "$out/config.json"
+echo weights > "$out/last.safetensors"
 echo "epoch,train_loss,val_dice,lr,seconds" > "$out/history.csv"
 for ((e = 1; e <= epochs; e++)); do
   echo "$e,0.5,$(python3 -c "print(min(0.8, 0.08 * $e))"),5e-4,1.0" >> "$out/history.csv"
@@ -491,6 +492,8 @@ def test_pilot_chooses_epochs_from_the_training_side_and_a_later_session_trains_
     # the curve reaches 0.8 at epoch 10; the 5-epoch mean is within 0.01 of its best from epoch 14
     assert choice["epochs"] == 14 and list(choice["runs"]) == [str(keep / "pilot" / "sa_unet")]
     assert not list(keep.rglob("*.safetensors"))  # curves and configs only
+    # the archive is committed: the run's absolute path on this machine is made relative
+    assert json.loads((keep / "pilot" / "sa_unet" / "config.json").read_text()) == {"data_dir": "runs/pilot/data_f0"}
     # session 2: runs/ is gone; SA-UNet is not trained again, U-Net is, and both curves choose
     shutil.rmtree(tmp_path / "runs")
     calls_2, choice = pilot()
