@@ -205,20 +205,26 @@ mkdir -p "$out" && echo '{}' > "$out/metrics.json"
 """
 
 
-def _study(tmp_path, *args, **env):
+def _run_driver(tmp_path, fake: str, command: list[str], timeout: int = 60, **env):
+    """Run a study driver with a stand-in ``nerveseg`` (``fake``, a bash script) first on PATH; every
+    call it gets is a line of the returned list."""
     import os
     import subprocess
 
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "nerveseg").write_text(FAKE_NERVESEG)
+    (bin_dir / "nerveseg").write_text(fake)
     (bin_dir / "nerveseg").chmod(0o755)
     calls = tmp_path / "calls.txt"
     calls.write_text("")
     full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls), **env}
-    result = subprocess.run(["bash", str(STUDIES / "accuracy_study.sh"), *args, "DATA", str(tmp_path / "out")],
-                            env=full_env, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(["bash", *command], env=full_env, capture_output=True, text=True, timeout=timeout)
     return result, calls.read_text().splitlines()
+
+
+def _study(tmp_path, *args, **env):
+    return _run_driver(tmp_path, FAKE_NERVESEG, [str(STUDIES / "accuracy_study.sh"), *args, "DATA", str(tmp_path / "out")],
+                       **env)
 
 
 def test_study_phase_trains_and_scores_each_fold_once(tmp_path):
@@ -404,20 +410,8 @@ echo "{}" > "$out/benchmark.json" && echo "| table |" > "$out/summary.md"
 
 
 def _paper_wrist(tmp_path, *args, **env):
-    import os
-    import subprocess
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "nerveseg").write_text(FAKE_BENCHMARK)
-    (bin_dir / "nerveseg").chmod(0o755)
-    calls = tmp_path / "calls.txt"
-    calls.write_text("")
-    full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-                "RUNS": str(tmp_path / "runs"), "KEEP": str(tmp_path / "keep"), **env}
-    result = subprocess.run(["bash", str(STUDIES / "paper_comparison_wrist.sh"), *args], env=full_env,
-                            capture_output=True, text=True, timeout=60)
-    return result, calls.read_text().splitlines()
+    return _run_driver(tmp_path, FAKE_BENCHMARK, [str(STUDIES / "paper_comparison_wrist.sh"), *args],
+                       RUNS=str(tmp_path / "runs"), KEEP=str(tmp_path / "keep"), **env)
 
 
 def test_paper_wrist_runs_one_job_a_call_archives_each_and_resumes_from_the_archive(tmp_path):
@@ -458,30 +452,20 @@ done
 
 
 def test_pilot_chooses_epochs_from_the_training_side_and_a_later_session_trains_only_what_is_missing(tmp_path):
-    import os
     import shutil
-    import subprocess
 
     from conftest import write_ellipse_dataset
 
     data = write_ellipse_dataset(tmp_path / "shared" / "mn-wrist", 20)
     (data / "manifest.csv").write_text("file,subject\n" + "".join(f"{i:03d}.png,P{i // 2}\n" for i in range(20)))
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nerveseg").write_text(FAKE_TRAIN)
-    (bin_dir / "nerveseg").chmod(0o755)
-    calls = tmp_path / "calls.txt"
     keep = tmp_path / "keep"
 
     def pilot(**env):
-        calls.write_text("")
-        full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-                    "SHARED": str(tmp_path / "shared"), "RUNS": str(tmp_path / "runs"), "KEEP": str(keep),
-                    "PILOT_EPOCHS": "20", **env}
-        result = subprocess.run(["bash", str(STUDIES / "paper_comparison_wrist.sh"), "pilot"], env=full_env,
-                                capture_output=True, text=True, timeout=120)
+        result, calls = _run_driver(tmp_path, FAKE_TRAIN, [str(STUDIES / "paper_comparison_wrist.sh"), "pilot"],
+                                    timeout=120, SHARED=str(tmp_path / "shared"), RUNS=str(tmp_path / "runs"),
+                                    KEEP=str(keep), PILOT_EPOCHS="20", **env)
         assert result.returncode == 0, result.stderr
-        return calls.read_text().splitlines(), json.loads((keep / "pilot" / "choice.json").read_text())
+        return calls, json.loads((keep / "pilot" / "choice.json").read_text())
 
     # session 1 has time for SA-UNet only: trained on fold 0's training side, never on its held-out patients
     calls_1, choice = pilot(PILOT_ARCHS="sa_unet")
@@ -535,23 +519,12 @@ if [ "$command" = train ]; then echo "{}" > "$out/config.json"; else echo "{}" >
 
 
 def test_wrist_levers_train_their_flags_score_with_tta_when_asked_and_skip_what_is_finished(tmp_path):
-    import os
-    import subprocess
-
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "nerveseg").write_text(FAKE_TRAIN_EVALUATE)
-    (bin_dir / "nerveseg").chmod(0o755)
-    calls = tmp_path / "calls.txt"
 
     def screen(**env):
-        calls.write_text("")
-        full_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "CALLS": str(calls),
-                    "SHARED": "/data", "RUNS": str(tmp_path / "runs"), **env}
-        result = subprocess.run(["bash", str(STUDIES / "wrist_study.sh"), "screen"], env=full_env,
-                                capture_output=True, text=True, timeout=60)
+        result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), "screen"],
+                                    SHARED="/data", RUNS=str(tmp_path / "runs"), **env)
         assert result.returncode == 0, result.stderr
-        return calls.read_text().splitlines()
+        return calls
 
     made = screen(ARMS="effunet_both_384 effunet_both_45", FOLDS="0", EVAL_TTA="1")
     trains = [c for c in made if c.startswith("train")]
