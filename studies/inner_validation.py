@@ -27,6 +27,7 @@ import sys
 from pathlib import Path
 
 from nerveseg.data.samples import discover_samples, fold_assignment
+from nerveseg.io_utils import atomic_write_csv
 
 
 def training_side_folder(data: Path, folds: int, fold: int, out: Path, seed: int = 0) -> dict:
@@ -50,10 +51,7 @@ def training_side_folder(data: Path, folds: int, fold: int, out: Path, seed: int
             if not link.exists():
                 os.symlink(os.path.relpath(path.resolve(), link.parent.resolve()), link)
         rows.append({"file": s.image_path.name, "subject": s.subject, "region": s.region})
-    with (out / "manifest.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["file", "subject", "region"])
-        writer.writeheader()
-        writer.writerows(rows)
+    atomic_write_csv(out / "manifest.csv", rows, ["file", "subject", "region"])  # the workspace's manifest writer
     return {"training_images": len(kept), "training_subjects": len({s.subject for s in kept}),
             "held_out_images": len(held), "held_out_subjects": len({s.subject for s in held})}
 
