@@ -1,30 +1,36 @@
 #!/usr/bin/env bash
 # Issue 23: the paper's Tables 2-3 on the paper's anatomy, the median nerve at the wrist (mn-wrist).
 # Patient-grouped 5-fold cross-validation (manifest.csv subject), every image scored once by the fold
-# model that never saw its patient, at original resolution; the last epoch is kept (`benchmark` never
-# picks a checkpoint on the reported fold). Resumable across sessions: each finished run's small files
+# model that never saw its patient, at original resolution. No reported image picks a checkpoint: under
+# the paper's recipe (constant learning rate, a curve that never settles) each run keeps its best epoch on
+# a patient-grouped 20% of its own training folds (--fold-val-fraction, FOLD_VAL); under the nerveseg
+# recipe (poly schedule to zero) the last epoch. Resumable across sessions: each finished run's small files
 # (per-image scores, ROC histograms, held-out masks, history, timing) are archived in KEEP, which is
 # committed, and restored before the next call, so a finished run is never trained again.
 #
 # Usage: [SEEDS=1] [SHARD=0/1] [EPOCHS=N] bash studies/paper_comparison_wrist.sh PHASE
-#   pilot      the training length, chosen on fold 0's training patients only: SA-UNet and U-Net,
-#              --recipe paper, PILOT_EPOCHS epochs (default 60) with a patient-grouped 20% of those
-#              patients as validation; prints the epoch where the validation Dice stops rising
-#              (studies/inner_validation.py choose-epochs) -> pass it as EPOCHS to the phases below;
-#              PILOT_ARCHS (default "sa_unet unet") trains fewer per session, a finished one is kept in KEEP
-#   paper      SA-UNet and U-Net, --recipe paper (soft Dice, Adam 5e-4, batch 4, shear), 5 folds
+#   pilot      the training length, chosen on fold 0's training patients only: --recipe paper,
+#              PILOT_EPOCHS epochs (default 60) with a patient-grouped 20% of those patients as
+#              validation (the split `paper` validates fold 0 on); prints the epoch where the validation
+#              Dice stops rising (studies/inner_validation.py choose-epochs) -> pass it as EPOCHS below;
+#              PILOT_ARCHS (default sa_unet; the U-Net's convergence is read off each run's own inner
+#              curve, summary.md "Convergence"); a finished pilot is kept in KEEP
+#   paper      SA-UNet and U-Net, --recipe paper (soft Dice, Adam 5e-4, batch 4, shear), 5 folds, best
+#              epoch on the inner 20% (FOLD_VAL)
 #   nerveseg   SA-UNet and U-Net, --recipe nerveseg (Dice + BCE, poly, flips and intensity), 5 folds
-#   others     U-Net++, Attention U-Net and MultiResUNet, --recipe paper, as many folds as the budget allows
-#   tables     summarize every finished run (results.csv, summary.md with Holm-corrected Wilcoxon tests,
-#              roc.png, overlay_panel.png) without training
+#   others     U-Net++, Attention U-Net and MultiResUNet, --recipe paper (as `paper`), as many folds as the
+#              budget allows
+#   tables     summarize every finished run (results.csv, summary.md with Holm-corrected Wilcoxon tests
+#              and the convergence table, roc.png, convergence.png, overlay_panel.png) without training
 # Environment: SHARED (default ../shared/data), RUNS (default runs/paper_wrist), KEEP (default
-# docs/results/paper_wrist), SEEDS (default 1), EPOCHS (default the recipe's), SHARD (I/N: this process
+# docs/results/paper_wrist), SEEDS (default 1), EPOCHS (default the recipe's), FOLD_VAL (default 0.2), SHARD (I/N: this process
 # trains every N-th run from the I-th; several processes may share a folder), THREADS (default 2).
 set -euo pipefail
 SHARED=${SHARED:-../shared/data}
 RUNS=${RUNS:-runs/paper_wrist}
 KEEP=${KEEP:-docs/results/paper_wrist}
 SEEDS=${SEEDS:-1}
+FOLD_VAL=${FOLD_VAL:-0.2}
 SHARD=${SHARD:-0/1}
 THREADS=${THREADS:-2}
 WRIST="$SHARED/mn-wrist"
@@ -46,14 +52,15 @@ archive() {  # archive PHASE: copy the small files of every finished run (and th
     [ -f "$KEEP/$1/$rel/config.json" ] && sed -i "s#$PWD/##g" "$KEEP/$1/$rel/config.json"  # no path of this machine
     cp -r "$run/eval/." "$KEEP/$1/$rel/eval/"
   done
-  for f in benchmark.json results.csv summary.md roc.png overlay_panel.png efficiency.json; do
+  for f in benchmark.json results.csv summary.md roc.png convergence.png overlay_panel.png efficiency.json; do
     [ -f "$out/$f" ] && cp "$out/$f" "$KEEP/$1/"
   done
   return 0
 }
 
-bench() {  # bench PHASE ARCHS RECIPE: one benchmark call per run of this shard, archived after each
-  local phase=$1 archs=$2 recipe=$3 out="$RUNS/$1"
+bench() {  # bench PHASE ARCHS RECIPE [INNER]: one benchmark call per run of this shard, archived after each
+  # INNER: the --fold-val-fraction of each run (best epoch on it); none = the last epoch
+  local phase=$1 archs=$2 recipe=$3 inner=${4:-} out="$RUNS/$1"
   local n_archs total i
   n_archs=$(echo "$archs" | tr ',' '\n' | wc -l)
   total=$((SEEDS * 5 * n_archs))
@@ -61,6 +68,7 @@ bench() {  # bench PHASE ARCHS RECIPE: one benchmark call per run of this shard,
   local first=${SHARD%/*} step=${SHARD#*/}
   local epochs=()
   [ -n "${EPOCHS:-}" ] && epochs=(--epochs "$EPOCHS")
+  [ -n "$inner" ] && epochs+=(--fold-val-fraction "$inner")
   local names
   IFS=',' read -r -a names <<< "$archs"
   for ((i = first; i < total; i += step)); do
@@ -79,7 +87,7 @@ case "${1:-}" in
   pilot)
     data="$RUNS/pilot/data_f0"
     [ -f "$data/manifest.csv" ] || python "$HERE/inner_validation.py" make-folder "$WRIST" --folds 5 --fold 0 --out "$data"
-    for arch in ${PILOT_ARCHS:-sa_unet unet}; do
+    for arch in ${PILOT_ARCHS:-sa_unet}; do
       run="$RUNS/pilot/$arch" kept="$KEEP/pilot/$arch"
       [ -f "$kept/.trained" ] && continue  # finished in an earlier session: its curve is in KEEP
       resume=()
@@ -95,19 +103,22 @@ case "${1:-}" in
     for kept in "$KEEP"/pilot/*/; do [ -f "$kept/.trained" ] && finished+=("${kept%/}"); done
     python "$HERE/inner_validation.py" choose-epochs "${finished[@]}" | tee "$KEEP/pilot/choice.json"
     ;;
-  paper)    bench paper sa_unet,unet paper ;;
+  paper)    bench paper sa_unet,unet paper "$FOLD_VAL" ;;
   nerveseg) bench nerveseg sa_unet,unet nerveseg ;;
-  others)   bench paper_all sa_unet,unet,unet_pp,attention_unet,multires_unet paper ;;
+  others)   bench paper_all sa_unet,unet,unet_pp,attention_unet,multires_unet paper "$FOLD_VAL" ;;
   tables)
     for phase in paper nerveseg paper_all; do
       restore "$phase"
       out="$RUNS/$phase"
       [ -f "$out/benchmark.json" ] || continue
+      saved() { python -c "import json,sys; v = json.load(open(sys.argv[1]))$1; print(','.join(v) if isinstance(v, list) else v or '')" "$out/benchmark.json"; }
+      inner=$(saved "['fold_val_fraction']")
+      # the saved recipe's length and inner split: --collect-only --resume refuses any other
       nerveseg benchmark --data "$WRIST" --label 1 --out "$out" --collect-only --quiet --resume \
-        --archs "$(python -c "import json,sys; print(','.join(json.load(open(sys.argv[1]))['archs']))" "$out/benchmark.json")" \
-        --recipe "$(echo "$phase" | sed 's/_all//')" --seeds "$SEEDS" --folds 5 ${EPOCHS:+--epochs "$EPOCHS"}
+        --archs "$(saved "['archs']")" --recipe "$(echo "$phase" | sed 's/_all//')" --seeds "$SEEDS" --folds 5 \
+        --epochs "$(saved "['train']['epochs']")" ${inner:+--fold-val-fraction "$inner"}
       archive "$phase"
     done
     ;;
-  *) sed -n '2,22p' "$0"; exit 2 ;;
+  *) sed -n '2,27p' "$0"; exit 2 ;;
 esac

@@ -399,13 +399,19 @@ FAKE_BENCHMARK = r"""#!/usr/bin/env bash
 # a stand-in `nerveseg benchmark`: writes the one run its --shard I/N names (job order seed, fold, arch)
 echo "$*" >> "$CALLS"
 while [ $# -gt 0 ]; do
-  case "$1" in --out) out=$2;; --archs) archs=$2;; --shard) shard=$2;; esac; shift
+  case "$1" in --out) out=$2;; --archs) archs=$2;; --shard) shard=$2;; --epochs) epochs=$2;;
+    --fold-val-fraction) inner=$2;; --collect-only) collect=1;; esac; shift
 done
-IFS=',' read -r -a names <<< "$archs"; n=${#names[@]}; i=${shard%/*}
-run="$out/runs/${names[i % n]}/seed$((i / (5 * n)))_fold$(((i / n) % 5))"
-mkdir -p "$run/eval/masks" && echo "epoch" > "$run/history.csv" && echo "{}" > "$run/config.json"
-echo "stem,dice" > "$run/eval/per_image.csv" && echo png > "$run/eval/masks/a.png" && echo weights > "$run/model.safetensors"
-echo "{}" > "$out/benchmark.json" && echo "| table |" > "$out/summary.md"
+if [ -z "${collect:-}" ]; then
+  IFS=',' read -r -a names <<< "$archs"; n=${#names[@]}; i=${shard%/*}
+  run="$out/runs/${names[i % n]}/seed$((i / (5 * n)))_fold$(((i / n) % 5))"
+  mkdir -p "$run/eval/masks" && echo "epoch" > "$run/history.csv" && echo "{}" > "$run/config.json"
+  echo "stem,dice" > "$run/eval/per_image.csv" && echo png > "$run/eval/masks/a.png" && echo weights > "$run/model.safetensors"
+fi
+python3 -c "import json, sys; json.dump({'archs': sys.argv[1].split(','), 'train': {'epochs': int(sys.argv[2])},
+  'fold_val_fraction': float(sys.argv[3]) if sys.argv[3] else None}, open(sys.argv[4], 'w'))" \
+  "$archs" "${epochs:-30}" "${inner:-}" "$out/benchmark.json"
+echo "| table |" > "$out/summary.md"
 """
 
 
@@ -420,7 +426,8 @@ def test_paper_wrist_runs_one_job_a_call_archives_each_and_resumes_from_the_arch
     result, calls = _paper_wrist(tmp_path, "paper", SHARD="1/2", EPOCHS="40")
     assert result.returncode == 0, result.stderr
     assert [c.split("--shard ")[1].split()[0] for c in calls] == ["1/10", "3/10", "5/10", "7/10", "9/10"]
-    assert all("--epochs 40" in c and "--recipe paper" in c for c in calls)
+    # the paper's recipe keeps each run's best epoch on a patient-grouped 20% of its training folds
+    assert all("--epochs 40" in c and "--recipe paper" in c and "--fold-val-fraction 0.2" in c for c in calls)
     keep = tmp_path / "keep" / "paper"
     archived = sorted(p.parent.parent.relative_to(keep).as_posix() for p in keep.glob("runs/*/*/eval/per_image.csv"))
     assert archived == [f"runs/unet/seed0_fold{k}" for k in range(5)]  # odd jobs: U-Net on each fold
@@ -434,6 +441,20 @@ def test_paper_wrist_runs_one_job_a_call_archives_each_and_resumes_from_the_arch
     # the other shard trains only its own runs
     result, calls = _paper_wrist(tmp_path, "paper", SHARD="0/2", EPOCHS="40")
     assert len(calls) == 5 and len(list(keep.glob("runs/*/*/eval/per_image.csv"))) == 10
+
+
+def test_paper_wrist_nerveseg_keeps_the_last_epoch_and_tables_resume_each_phase_as_it_was_saved(tmp_path):
+    result, calls = _paper_wrist(tmp_path, "nerveseg", SHARD="0/10")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 1 and "--recipe nerveseg" in calls[0] and "--fold-val-fraction" not in calls[0]
+    assert _paper_wrist(tmp_path, "paper", SHARD="0/10", EPOCHS="41")[0].returncode == 0
+    # tables: no EPOCHS given; each phase is summarized with its saved length and inner split
+    result, calls = _paper_wrist(tmp_path, "tables")
+    assert result.returncode == 0, result.stderr
+    by_recipe = {c.split("--recipe ")[1].split()[0]: c for c in calls}
+    assert all("--collect-only" in c and "--resume" in c for c in calls) and len(calls) == 2
+    assert "--epochs 41" in by_recipe["paper"] and "--fold-val-fraction 0.2" in by_recipe["paper"]
+    assert "--epochs 30" in by_recipe["nerveseg"] and "--fold-val-fraction" not in by_recipe["nerveseg"]
 
 
 FAKE_TRAIN = r"""#!/usr/bin/env bash
@@ -480,7 +501,7 @@ def test_pilot_chooses_epochs_from_the_training_side_and_a_later_session_trains_
     assert json.loads((keep / "pilot" / "sa_unet" / "config.json").read_text()) == {"data_dir": "runs/pilot/data_f0"}
     # session 2: runs/ is gone; SA-UNet is not trained again, U-Net is, and both curves choose
     shutil.rmtree(tmp_path / "runs")
-    calls_2, choice = pilot()
+    calls_2, choice = pilot(PILOT_ARCHS="sa_unet unet")
     assert len(calls_2) == 1 and "--arch unet" in calls_2[0]
     assert sorted(Path(r).name for r in choice["runs"]) == ["sa_unet", "unet"] and choice["epochs"] == 14
 

@@ -83,6 +83,10 @@ class DataConfig:
     val_fraction: float | None = 0.2
     folds: int | None = None
     fold: int | None = None
+    # with folds: a subject-grouped fraction of the training folds becomes the validation set that
+    # picks the checkpoint, and the held-out fold becomes the test set (``test_stems``, `evaluate
+    # --subset test`), so no reported image chooses an epoch
+    fold_val_fraction: float | None = None
     max_train_images: int | None = None
     # multi-class: one network output per entry (pixel values or LabelMe names), in this order;
     # None = the single class ``label``. The first class is the primary one (the nerve).
@@ -121,6 +125,12 @@ class DataConfig:
             self.val_fraction = None
         elif self.fold is not None:
             raise ConfigError("--fold needs --folds")
+        if self.fold_val_fraction is not None:
+            if self.folds is None:
+                raise ConfigError("fold_val_fraction splits the training folds: it needs folds and fold")
+            if isinstance(self.fold_val_fraction, bool) or not isinstance(self.fold_val_fraction, (int, float)) \
+                    or not 0.0 < self.fold_val_fraction < 1.0:
+                raise ConfigError(f"fold_val_fraction must be between 0 and 1 (exclusive), got {self.fold_val_fraction!r}")
         elif self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction} (0: train on everything)")
         if self.max_train_images is not None and self.max_train_images < 1:
@@ -250,6 +260,8 @@ class RunConfig:
     # filled by training: which images were used, so evaluation can pick the unseen ones
     train_stems: list[str] = field(default_factory=list)
     val_stems: list[str] = field(default_factory=list)
+    # the held-out fold when the validation set came from the training folds (data.fold_val_fraction)
+    test_stems: list[str] = field(default_factory=list)
     nerveseg_version: str = ""
     # an ensemble folder: the member run folders, relative to it; predictions average their probabilities
     members: list[str] = field(default_factory=list)
@@ -276,6 +288,7 @@ class RunConfig:
             train=TrainConfig(**d.get("train", {})),
             train_stems=list(d.get("train_stems", [])),
             val_stems=list(d.get("val_stems", [])),
+            test_stems=list(d.get("test_stems", [])),
             nerveseg_version=d.get("nerveseg_version", ""),
             members=list(d.get("members", [])),
             inference=InferenceConfig(**d.get("inference", {})),
@@ -299,7 +312,7 @@ class RunConfig:
         for key in ("model", "preprocess", "data", "train", "inference"):
             if not isinstance(data.get(key, {}), dict):
                 raise ConfigError(f"{path}: '{key}' must be an object, got {type(data[key]).__name__}")
-        for key in ("train_stems", "val_stems", "members"):
+        for key in ("train_stems", "val_stems", "test_stems", "members"):
             value = data.get(key, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{path}: '{key}' must be a list of names")

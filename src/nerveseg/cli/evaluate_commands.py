@@ -65,19 +65,22 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     from ..evaluation.benchmark import BenchmarkConfig, parse_shard, run_benchmark
     from ..training.recipes import recipe_values
 
-    # the recipe's training fields, then every flag given. The checkpoint is always the last epoch:
-    # a fold's validation images are the ones it reports, so choosing an epoch on them would flatter it
+    # the recipe's training fields, then every flag given. A fold's held-out images are the ones it
+    # reports, so choosing an epoch on them would flatter it: the last epoch is kept, or, with
+    # --fold-val-fraction, the best epoch on subjects taken from the training folds
     train_values = recipe_values(args.recipe)["train"]
     given = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                  augment=None if args.augment is None else tuple(a for a in args.augment.split(",") if a))
     train_values.update({k: v for k, v in given.items() if v is not None})
-    train_values.update(num_threads=args.threads, device=args.device, sync_batchnorm=args.sync_bn, checkpoint="last")
+    train_values.update(num_threads=args.threads, device=args.device, sync_batchnorm=args.sync_bn,
+                        checkpoint="last" if args.fold_val_fraction is None else "best")
     config = BenchmarkConfig(
         data_dir=str(Path(args.data).resolve()),
         archs=tuple(a.strip() for a in args.archs.split(",") if a.strip()),
         label=args.label,
         seeds=args.seeds,
         folds=args.folds,
+        fold_val_fraction=args.fold_val_fraction,
         preprocess=PreprocessConfig(size=args.size or recipe_values(args.recipe)["preprocess"].get("size", 256)),
         train=TrainConfig(**train_values),
         command=("nerveseg " + " ".join(sys.argv[1:])) if sys.argv and Path(sys.argv[0]).name in ("nerveseg", "__main__.py") else "",
@@ -110,8 +113,9 @@ def add_evaluate(sub) -> None:
     p.add_argument("--data", required=True, action="append",
                    help="folder with images/ and masks/; repeat for a model trained on several (figures per folder and pooled)")
     p.add_argument("--label", type=_label, default=None, help="default: the label the run was trained on")
-    p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen", "cv"),
-                   help="val: the run's validation images; unseen: all it did not train on; "
+    p.add_argument("--subset", default="all", choices=("all", "val", "train", "unseen", "cv", "test"),
+                   help="val: the run's validation images; test: its held-out fold when it validated inside its "
+                        "training folds (--fold-val-fraction); unseen: all it did not train on; "
                         "cv: an --all-folds ensemble's held-out folds, each scored by its own member")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="flip test-time augmentation (default: the model's setting)")
@@ -139,7 +143,11 @@ def add_benchmark(sub) -> None:
     p.add_argument("--seeds", type=int, default=3, help="repetitions (the paper: 20)")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--recipe", default="paper", help="training recipe of every architecture (`nerveseg recipes`); "
-                   "flags below win; the last epoch is always kept (no held-out image picks a checkpoint)")
+                   "flags below win; the last epoch is kept (no held-out image picks a checkpoint) unless "
+                   "--fold-val-fraction is given")
+    p.add_argument("--fold-val-fraction", type=float, default=None,
+                   help="keep each run's best epoch on this subject-grouped fraction of its training folds (e.g. 0.2); "
+                        "the held-out fold is only scored. Default: no inner validation, the last epoch is kept")
     p.add_argument("--epochs", type=int, default=None, help="default: the recipe's (paper: 30)")
     p.add_argument("--size", type=int, default=None, help="default: the recipe's (256)")
     p.add_argument("--batch-size", type=int, default=None)

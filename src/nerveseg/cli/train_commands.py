@@ -78,7 +78,8 @@ def _train_config(args: argparse.Namespace):
         preprocess=preprocess,
         data=dict(data_dir=tuple(str(Path(d).resolve()) for d in args.data), label=args.label, labels=args.labels,
                   label_names=args.label_names, seed=args.seed, val_fraction=args.val_fraction, folds=args.folds,
-                  fold=0 if args.all_folds and args.fold is None else args.fold, max_train_images=args.max_train_images),
+                  fold=0 if args.all_folds and args.fold is None else args.fold, fold_val_fraction=args.fold_val_fraction,
+                  max_train_images=args.max_train_images),
         train=dict(epochs=args.epochs, batch_size=args.batch_size, lr=lr, schedule=args.schedule,
                    warmup_epochs=args.warmup_epochs, augment=augment, amp=False if args.no_amp else None,
                    channels_last=False if args.no_channels_last else None, num_threads=args.threads,
@@ -167,6 +168,9 @@ def add_train(sub) -> None:
     p.add_argument("--val-fraction", type=float, default=0.2, help="0: no validation, train on all and keep the last epoch")
     p.add_argument("--folds", type=int, default=None, help="K for K-fold cross-validation")
     p.add_argument("--fold", type=int, default=None, help="0-based validation fold")
+    p.add_argument("--fold-val-fraction", type=float, default=None,
+                   help="with --folds: validate (and pick the checkpoint) on this subject-grouped fraction of the "
+                        "training folds; the held-out fold is then only scored (`evaluate --subset test`)")
     p.add_argument("--all-folds", action="store_true",
                    help="with --folds K: train every fold into OUT/fold_k and make OUT their ensemble")
     p.add_argument("--max-train-images", type=int, default=None, help="train on a seeded subset of this many images")

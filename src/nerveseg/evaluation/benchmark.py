@@ -44,6 +44,7 @@ from .evaluate import (
 from .metrics import RocAccumulator
 from .statistics import holm_adjust, mean_sd, paired_wilcoxon, run_level_summary
 
+LOSS_NAMES = {"dice": "soft Dice", "dice_ce": "soft Dice + cross-entropy"}
 RESULT_FIELDS = ("arch", "seed", "fold", "device", "region") + PER_IMAGE_FIELDS
 
 
@@ -54,8 +55,11 @@ class BenchmarkConfig:
     label: int | str | None = None
     seeds: int = 3
     folds: int = 5
+    # a subject-grouped fraction of each run's training folds that picks its checkpoint (None: the
+    # last epoch is kept); the held-out fold is then only scored
+    fold_val_fraction: float | None = None
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(checkpoint="last"))
     command: str = ""
 
     def __post_init__(self) -> None:
@@ -67,6 +71,14 @@ class BenchmarkConfig:
             raise ConfigError("--archs must list each architecture once")
         if self.seeds < 1 or self.folds < 2:
             raise ConfigError("need --seeds >= 1 and --folds >= 2")
+        if self.fold_val_fraction is not None:
+            if isinstance(self.fold_val_fraction, bool) or not isinstance(self.fold_val_fraction, (int, float)) \
+                    or not 0.0 < self.fold_val_fraction < 1.0:
+                raise ConfigError(f"--fold-val-fraction must be between 0 and 1 (exclusive), got {self.fold_val_fraction!r}")
+        elif self.train.checkpoint != "last":
+            # without an inner split a run's validation images are the fold it reports
+            raise ConfigError("a checkpoint chosen on validation needs --fold-val-fraction: otherwise the held-out fold "
+                              "the benchmark reports would pick it; keep the last epoch (train.checkpoint='last')")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,7 +103,8 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
     run_config = RunConfig(
         model=ModelConfig(arch),
         preprocess=replace(cfg.preprocess),
-        data=DataConfig(cfg.data_dir, label=cfg.label, seed=seed, folds=cfg.folds, fold=fold),
+        data=DataConfig(cfg.data_dir, label=cfg.label, seed=seed, folds=cfg.folds, fold=fold,
+                        fold_val_fraction=cfg.fold_val_fraction),
         train=replace(cfg.train),
     )
     t0 = time.perf_counter()
@@ -102,9 +115,9 @@ def _run_one(cfg: BenchmarkConfig, out: Path, arch: str, seed: int, fold: int, s
     if not is_main:
         return
     predictor = Predictor.from_run(run_dir)
-    val = select_subset(list(samples_by_stem.values()), predictor, "val")
+    held_out = select_subset(list(samples_by_stem.values()), predictor, "val" if cfg.fold_val_fraction is None else "test")
     # the held-out masks are kept (a few KB each) so that Fig. 4 can be drawn once the weights are gone
-    rows_by_class, rocs, _ = evaluate_samples(predictor, val, run_dir / "eval", label=cfg.label, overlays=False, progress=False,
+    rows_by_class, rocs, _ = evaluate_samples(predictor, held_out, run_dir / "eval", label=cfg.label, overlays=False, progress=False,
                                               mask_dir=run_dir / "eval" / "masks")
     rows, roc = rows_by_class[predictor.class_names[0]], rocs[predictor.class_names[0]]
     save_roc_histograms(roc, run_dir / "eval" / "roc.npz")
@@ -139,6 +152,57 @@ def _finished_training(run_dir: Path, epochs: int) -> bool:
         return False
     with history.open(newline="") as f:
         return len(list(csv.DictReader(f))) >= epochs
+
+
+def run_convergence(cfg: BenchmarkConfig, out: Path, runs) -> list[dict]:
+    """Each finished (seed, fold, arch) run's validation curve from its history.csv: the epoch it
+    kept (the last, or under ``fold_val_fraction`` the first best), its best epoch, and whether
+    that best came in the last tenth of training (a curve still rising: train longer)."""
+    result = []
+    for seed, fold, arch in runs:
+        path = run_dir_for(out, arch, seed, fold) / "history.csv"
+        if not path.exists():
+            continue
+        with path.open(newline="") as f:
+            curve = [float(r["val_dice"]) for r in csv.DictReader(f) if r.get("val_dice") not in (None, "")]
+        finite = [v for v in curve if math.isfinite(v)]
+        if not finite:
+            continue
+        best = curve.index(max(finite)) + 1
+        kept = best if cfg.fold_val_fraction is not None else len(curve)
+        result.append({"arch": arch, "seed": seed, "fold": fold, "epochs": len(curve), "best_epoch": best,
+                       "kept_epoch": kept, "val_dice_kept": curve[kept - 1], "val_dice_best": curve[best - 1],
+                       "late_best": best > len(curve) - max(1, len(curve) // 10), "curve": curve})
+    return result
+
+
+def save_convergence_plot(cfg: BenchmarkConfig, convergence: list[dict], path: Path) -> None:
+    """One panel per architecture: every run's validation Dice by epoch, its kept epoch marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    archs = [a for a in cfg.archs if any(c["arch"] == a for c in convergence)]
+    fig, axes = plt.subplots(1, len(archs), figsize=(3.6 * len(archs), 3.2), dpi=110, squeeze=False, sharey=True)
+    for ax, arch in zip(axes[0], archs):
+        for c in (c for c in convergence if c["arch"] == arch):
+            epochs = range(1, len(c["curve"]) + 1)
+            line, = ax.plot(epochs, c["curve"], lw=0.9, alpha=0.8, label=f"seed {c['seed']} fold {c['fold']}")
+            ax.plot([c["kept_epoch"]], [c["val_dice_kept"]], "o", ms=4, color=line.get_color())
+        ax.set_title(arch, fontsize=9)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation Dice" + (" (inner split)" if cfg.fold_val_fraction is not None
+                                               else " (held-out fold, logged only)"))
+    axes[0][0].set_ylim(0, 1)
+    axes[0][-1].legend(fontsize=6, loc="lower right")
+    fig.suptitle("Convergence: each run's validation Dice, the kept epoch marked", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> list[dict]:
@@ -205,7 +269,8 @@ def total_train_seconds(cfg: BenchmarkConfig, out: Path) -> float:
 
 
 def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int,
-                   train_seconds: float = 0.0, n_planned: int | None = None, devices: list[str] | None = None) -> str:
+                   train_seconds: float = 0.0, n_planned: int | None = None, devices: list[str] | None = None,
+                   convergence: list[dict] | None = None) -> str:
     archs = [a for a in cfg.archs if any(r["arch"] == a for r in rows)]
     rows, left_out = common_runs(rows, archs)
     runs = {(r["arch"], r["seed"], r["fold"]) for r in rows}
@@ -219,7 +284,9 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
         f"- data: `{cfg.data_dir}` (label {cfg.label}), {cfg.folds}-fold cross-validation x {cfg.seeds} seed(s); "
         f"{n_runs} run(s) finished" + (f" of {n_planned} planned" if n_planned not in (None, n_runs) else ""),
         f"- recipe: size {cfg.preprocess.size}, {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, Adam lr {cfg.train.lr}, "
-        f"schedule {cfg.train.schedule}, augment {'+'.join(cfg.train.augment) or 'none'}, soft Dice loss",
+        f"schedule {cfg.train.schedule}, augment {'+'.join(cfg.train.augment) or 'none'}, loss {LOSS_NAMES.get(cfg.train.loss, cfg.train.loss)}; "
+        + ("the last epoch kept" if cfg.fold_val_fraction is None else
+           f"the best epoch on a subject-grouped {cfg.fold_val_fraction:.0%} of each run's training folds kept"),
         f"- trained on: {'; '.join(devices) if devices else 'not recorded'}",
         f"- summarized on: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ", CPU"),
@@ -279,6 +346,29 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
             p = "n/a" if math.isnan(w["p_value"]) else f"{w['p_value']:.3g}"
             ph = "n/a" if math.isnan(holm) else f"{holm:.3g}"
             lines.append(f"| {arch} | {w['n']} | {w['median_difference']:+.4f} | {p} | {ph} |")
+    if convergence:
+        where = ("a subject-grouped part of the training folds, which picked the kept epoch" if cfg.fold_val_fraction
+                 is not None else "the held-out fold, logged only: the last epoch is kept whatever it shows")
+        lines += [
+            "",
+            "## Convergence (each run's history.csv; convergence.png)",
+            "",
+            f"Validation Dice per epoch on {where}. A best epoch in the last tenth of training means the curve",
+            "was still rising when training stopped.",
+            "",
+            "| architecture | runs | epochs | kept epoch (median, range) | validation Dice at the kept epoch | "
+            "runs whose best epoch is in the last tenth |",
+            "| --- | ---: | ---: | --- | --- | ---: |",
+        ]
+        for arch in archs:
+            runs_of = [c for c in convergence if c["arch"] == arch]
+            if not runs_of:
+                continue
+            kept = sorted(c["kept_epoch"] for c in runs_of)
+            m, sd, _ = mean_sd(c["val_dice_kept"] for c in runs_of)
+            lines.append(f"| {arch} | {len(runs_of)} | {max(c['epochs'] for c in runs_of)} | "
+                         f"{kept[len(kept) // 2]} ({kept[0]}-{kept[-1]}) | {_pm(m, sd)} | "
+                         f"{sum(c['late_best'] for c in runs_of)} |")
     for key in ("device", "region"):
         groups = sorted({r[key] for r in rows if r[key]})
         if not groups:
@@ -331,7 +421,8 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         saved = BenchmarkConfig.from_dict(json.loads(saved_path.read_text()))
         # threads and device change the speed, not the recipe: workers may differ in them
         def recipe(c: BenchmarkConfig):
-            return (c.data_dir, c.label, c.folds, c.preprocess, replace(c.train, num_threads=None, device="auto"))
+            return (c.data_dir, c.label, c.folds, c.fold_val_fraction, c.preprocess,
+                    replace(c.train, num_threads=None, device="auto"))
 
         if recipe(saved) != recipe(cfg):
             raise ConfigError(f"{out}: the recipe differs from the saved benchmark.json; use another --out")
@@ -368,8 +459,9 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
     if len(finished) < len(jobs):
         log(f"summary over {len(finished)} of {len(jobs)} runs: the others have not finished")
     eff = efficiency(cfg.archs, out / "efficiency.json", latency=measure_latency)
+    convergence = run_convergence(cfg, out, finished)
     summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(finished), total_train_seconds(cfg, out),
-                             n_planned=len(jobs), devices=training_devices(cfg, out))
+                             n_planned=len(jobs), devices=training_devices(cfg, out), convergence=convergence)
     atomic_write_text(out / "summary.md", summary)
     curves: dict[str, RocAccumulator] = {}
     for seed, fold, arch in finished:
@@ -381,6 +473,8 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
             curves[arch] = roc
     if curves:
         save_roc_plot(curves, out / "roc.png")
+    if convergence:
+        save_convergence_plot(cfg, convergence, out / "convergence.png")
     if finished and overlays:  # Fig. 4: the hardest and some typical images under every network
         overlay_panel(cfg, out, pick_panel_stems(rows))
     return {"rows": len(rows), "runs": len(finished), "planned": len(jobs), "summary": summary}

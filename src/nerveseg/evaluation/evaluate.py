@@ -29,7 +29,7 @@ PER_IMAGE_FIELDS = (
 # data folder of each image when several were evaluated together
 RUN_EXTRA_FIELDS = ("area_pred_mm2", "area_truth_mm2", "source")
 SUMMARY_KEYS = ("precision", "recall", "dice", "iou", "hd", "hd95", "hd_mm", "hd95_mm", "auc")
-SUBSETS = ("all", "val", "train", "unseen", "cv")
+SUBSETS = ("all", "val", "train", "unseen", "cv", "test")
 
 
 def _fmt(value) -> str:
@@ -45,17 +45,23 @@ def _fmt(value) -> str:
 
 
 def select_subset(samples, predictor: Predictor, subset: str):
-    """``val``: the run's validation images; ``unseen``: everything it did not train on;
-    ``cv``: an ensemble's members' validation images (each scored by its own member)."""
+    """``val``: the run's validation images; ``test``: its held-out fold when the validation images
+    came from the training folds (``data.fold_val_fraction``); ``unseen``: everything it did not
+    train on; ``cv``: an ensemble's members' held-out folds (each scored by its own member)."""
     if subset not in SUBSETS:
         raise ConfigError(f"unknown subset {subset!r}; choose from {', '.join(SUBSETS)}")
     if subset == "all":
         return samples
     if subset == "cv":
-        held_out = {s for m in _members(predictor) for s in m.config.val_stems}
+        held_out = {s for m in _members(predictor) for s in (m.config.test_stems or m.config.val_stems)}
         return [s for s in samples if s.stem in held_out]
-    train, val = set(predictor.config.train_stems), set(predictor.config.val_stems)
-    keep = {"val": lambda s: s in val, "train": lambda s: s in train, "unseen": lambda s: s not in train}[subset]
+    if subset == "test" and not predictor.config.test_stems:
+        raise ConfigError("--subset test needs a run trained with a validation split inside its training folds "
+                          "(data.fold_val_fraction); for a plain fold run its held-out fold is --subset val")
+    train, val, test = (set(predictor.config.train_stems), set(predictor.config.val_stems),
+                        set(predictor.config.test_stems))
+    keep = {"val": lambda s: s in val, "train": lambda s: s in train, "unseen": lambda s: s not in train,
+            "test": lambda s: s in test}[subset]
     return [s for s in samples if keep(s.stem)]
 
 

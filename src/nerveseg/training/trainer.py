@@ -128,14 +128,20 @@ def _write_history(path: Path, rows: list[dict]) -> None:
 
 
 def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
-    """Find the samples, split them by subject and fill ``train_stems``/``val_stems``."""
+    """Find the samples, split them by subject and fill ``train_stems``/``val_stems`` (and
+    ``test_stems``, the held-out fold, under ``data.fold_val_fraction``)."""
     samples, problems = discover_datasets(config.data.data_dirs)
     for problem in problems:
         log(f"warning: skipped {problem}")
     if not samples:
         raise InputError(", ".join(config.data.data_dirs), "no usable image/mask pairs", "see the warnings above")
+    test: list = []
     if config.data.folds is not None:
         train, val = split_samples(samples, seed=config.data.seed, folds=config.data.folds, fold=config.data.fold)
+        if config.data.fold_val_fraction is not None:
+            # the held-out fold is only scored; the checkpoint is chosen on subjects of the training folds
+            test = val
+            train, val = split_samples(train, seed=config.data.seed, val_fraction=config.data.fold_val_fraction)
     elif not config.data.val_fraction:
         # no validation: train on every non-test image and keep the last epoch (final models)
         train, val = [s for s in samples if s.split != "test"], []
@@ -146,6 +152,7 @@ def prepare_split(config: RunConfig, log=print) -> tuple[list, list]:
         train = [train[i] for i in sorted(order[: config.data.max_train_images])]
     config.train_stems = [s.stem for s in train]
     config.val_stems = [s.stem for s in val]
+    config.test_stems = [s.stem for s in test]
     return train, val
 
 
@@ -458,9 +465,10 @@ def ensemble_config(fold_configs: list[RunConfig], members: list[str]) -> RunCon
     images (so ``--subset unseen`` means images no member saw), and the member folders."""
     first = fold_configs[0]
     config = RunConfig.from_dict(first.to_dict())
-    config.data.folds = config.data.fold = config.data.val_fraction = None  # the members hold their splits
+    # the members hold their splits
+    config.data.folds = config.data.fold = config.data.val_fraction = config.data.fold_val_fraction = None
     config.train_stems = sorted({s for c in fold_configs for s in c.train_stems})
-    config.val_stems = []
+    config.val_stems, config.test_stems = [], []
     config.members = list(members)
     return config
 
