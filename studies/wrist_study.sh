@@ -13,9 +13,10 @@
 #   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
 #   sa_wrist       sa_unet, mn-wrist only, 60 epochs
 #   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
-#   effunet_both_384, effunet_both_45   the wrist levers after the 5-fold figures fell short of 0.90: a 384-px
-#                  input (wrist nerves are a few hundred pixels at 256), 45 epochs; screened on folds 0-1 and
-#                  compared per image with `python studies/pool_fold_evals.py ARM_f0/eval ARM_f1/eval --against
+#   effunet_both_384, effunet_both_320, effunet_both_45   the wrist levers after the 5-fold figures fell
+#                  short of 0.90: a larger input (wrist nerves are a few hundred pixels at 256; 384 px took about
+#                  1.8x the 256-px model's time per 606x468 frame, over the 100-ms budget, so 320 px is the one
+#                  that can ship), 45 epochs. Screened on folds 0-1 and compared per image with `python studies/pool_fold_evals.py ARM_f0/eval ARM_f1/eval --against
 #                  docs/results/wrist_cv_effunet/per_image.csv` (per folder, paired Wilcoxon)
 # EVAL_TTA=1 also scores each fold with flip test-time augmentation (RUNS/screen/ARM_fK/eval_tta).
 # Environment: SHARED (default ../shared/data), RUNS (default runs/wrist), THREADS (default 2).
@@ -33,6 +34,7 @@ arm_args() {  # the training flags of an arm
     effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
     effunet_both_384) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 384" ;;
+    effunet_both_320) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 320" ;;
     effunet_both_45)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 45" ;;
     sa_both)       echo "--data $WRIST --data $USGRA --arch sa_unet --epochs 60" ;;
     sa_wrist)      echo "--data $WRIST --arch sa_unet --epochs 60" ;;
