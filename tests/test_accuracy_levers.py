@@ -39,7 +39,7 @@ PAPER_CONFIG_BEFORE = {
 }
 NEW_FIELDS_OFF = {
     "model": {"encoder_weights": None},  # issue 22
-    "data": {"labels": None, "label_names": None},
+    "data": {"labels": None, "label_names": None, "fold_val_fraction": None},  # issue 23
     "train": {"loss": "dice", "deep_supervision": False, "checkpoint": "best", "init_from": None, "seed": None,
               "data_cache": "memory", "loader_workers": 2, "sync_batchnorm": False,  # issue 13
               "compile": None, "optimizer": "adam", "ema_decay": None},
@@ -66,6 +66,7 @@ def test_recipe_paper_reproduces_the_config_of_before(tmp_path):
         assert d.pop("members") == [] and d.pop("inference") == {"tta": False, "keep_largest": [], "threshold": 0.5,
                                                            "low_confidence": 0.7}
         assert d.pop("recipe") == "paper"
+        assert d.pop("test_stems") == []  # issue 23: filled only under data.fold_val_fraction
         assert d == PAPER_CONFIG_BEFORE
 
 
