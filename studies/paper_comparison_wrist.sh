@@ -40,6 +40,17 @@ restore() {  # restore PHASE: put the archived finished runs back where the benc
   [ -d "$KEEP/$1" ] || return 0
   mkdir -p "$RUNS/$1"
   cp -rn "$KEEP/$1/." "$RUNS/$1/"
+  # the benchmark compares its saved data folder with the absolute one it is given
+  local shared
+  shared=$(cd "$SHARED" 2>/dev/null && pwd -P || echo "$SHARED")
+  [ -f "$RUNS/$1/benchmark.json" ] && sed -i "s#\"$SHARED/#\"$shared/#g" "$RUNS/$1/benchmark.json"
+  return 0
+}
+
+unlocate() {  # unlocate FILE: the archive is committed, so no path of this machine (data as $SHARED, runs relative)
+  local shared
+  shared=$(cd "$SHARED" 2>/dev/null && pwd -P || echo "$SHARED")
+  sed -i -e "s#$shared/#$SHARED/#g" -e "s#$PWD/##g" "$1"
 }
 
 archive() {  # archive PHASE: copy the small files of every finished run (and the tables) into KEEP
@@ -49,12 +60,13 @@ archive() {  # archive PHASE: copy the small files of every finished run (and th
     rel=${run#"$out"/}
     mkdir -p "$KEEP/$1/$rel/eval"
     cp "$run/config.json" "$run/history.csv" "$KEEP/$1/$rel/" 2>/dev/null || true
-    [ -f "$KEEP/$1/$rel/config.json" ] && sed -i "s#$PWD/##g" "$KEEP/$1/$rel/config.json"  # no path of this machine
+    [ -f "$KEEP/$1/$rel/config.json" ] && unlocate "$KEEP/$1/$rel/config.json"
     cp -r "$run/eval/." "$KEEP/$1/$rel/eval/"
   done
   for f in benchmark.json results.csv summary.md roc.png convergence.png overlay_panel.png efficiency.json; do
     [ -f "$out/$f" ] && cp "$out/$f" "$KEEP/$1/"
   done
+  for f in benchmark.json summary.md; do [ -f "$KEEP/$1/$f" ] && unlocate "$KEEP/$1/$f"; done
   return 0
 }
 
