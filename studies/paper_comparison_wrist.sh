@@ -34,6 +34,8 @@ FOLD_VAL=${FOLD_VAL:-0.2}
 SHARD=${SHARD:-0/1}
 THREADS=${THREADS:-2}
 WRIST="$SHARED/mn-wrist"
+# the data folder as the benchmark saves it (absolute); the committed archive writes it as $SHARED
+SHARED_ABS=$(cd "$SHARED" 2>/dev/null && pwd -P || echo "$SHARED")
 HERE="$(dirname "$0")"
 
 restore() {  # restore PHASE: put the archived finished runs back where the benchmark looks
@@ -41,16 +43,12 @@ restore() {  # restore PHASE: put the archived finished runs back where the benc
   mkdir -p "$RUNS/$1"
   cp -rn "$KEEP/$1/." "$RUNS/$1/"
   # the benchmark compares its saved data folder with the absolute one it is given
-  local shared
-  shared=$(cd "$SHARED" 2>/dev/null && pwd -P || echo "$SHARED")
-  [ -f "$RUNS/$1/benchmark.json" ] && sed -i "s#\"$SHARED/#\"$shared/#g" "$RUNS/$1/benchmark.json"
+  [ -f "$RUNS/$1/benchmark.json" ] && sed -i "s#\"$SHARED/#\"$SHARED_ABS/#g" "$RUNS/$1/benchmark.json"
   return 0
 }
 
 unlocate() {  # unlocate FILE: the archive is committed, so no path of this machine (data as $SHARED, runs relative)
-  local shared
-  shared=$(cd "$SHARED" 2>/dev/null && pwd -P || echo "$SHARED")
-  sed -i -e "s#$shared/#$SHARED/#g" -e "s#$PWD/##g" "$1"
+  sed -i -e "s#$SHARED_ABS/#$SHARED/#g" -e "s#$PWD/##g" "$1"
 }
 
 archive() {  # archive PHASE: copy the small files of every finished run (and the tables) into KEEP

@@ -70,6 +70,12 @@ class PreprocessConfig:
             raise ConfigError(f"size must be a multiple of 16 between 16 and 4096, got {self.size}")
 
 
+def check_open_fraction(value, name: str) -> None:
+    """``value`` must be a number strictly between 0 and 1 (a share of the images held out)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ConfigError(f"{name} must be between 0 and 1 (exclusive), got {value!r}")
+
+
 @dataclass
 class DataConfig:
     """Which data and which part of it is used for training and validation."""
@@ -128,9 +134,7 @@ class DataConfig:
         if self.fold_val_fraction is not None:
             if self.folds is None:
                 raise ConfigError("fold_val_fraction splits the training folds: it needs folds and fold")
-            if isinstance(self.fold_val_fraction, bool) or not isinstance(self.fold_val_fraction, (int, float)) \
-                    or not 0.0 < self.fold_val_fraction < 1.0:
-                raise ConfigError(f"fold_val_fraction must be between 0 and 1 (exclusive), got {self.fold_val_fraction!r}")
+            check_open_fraction(self.fold_val_fraction, "fold_val_fraction")
         elif self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction} (0: train on everything)")
         if self.max_train_images is not None and self.max_train_images < 1:

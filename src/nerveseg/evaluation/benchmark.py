@@ -24,11 +24,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig
+from ..config import DataConfig, ModelConfig, PreprocessConfig, RunConfig, TrainConfig, check_open_fraction
 from ..data.samples import discover_samples
 from ..errors import ConfigError
 from ..inference.predictor import Predictor
-from ..io_utils import atomic_write_csv, atomic_write_json, atomic_write_text, csv_values
+from ..io_utils import atomic_path, atomic_write_csv, atomic_write_json, atomic_write_text, csv_values
 from ..models import count_gflops, count_parameters, create, list_models
 from ..models.complexity import cpu_latency_ms
 from ..training.trainer import train
@@ -72,9 +72,7 @@ class BenchmarkConfig:
         if self.seeds < 1 or self.folds < 2:
             raise ConfigError("need --seeds >= 1 and --folds >= 2")
         if self.fold_val_fraction is not None:
-            if isinstance(self.fold_val_fraction, bool) or not isinstance(self.fold_val_fraction, (int, float)) \
-                    or not 0.0 < self.fold_val_fraction < 1.0:
-                raise ConfigError(f"--fold-val-fraction must be between 0 and 1 (exclusive), got {self.fold_val_fraction!r}")
+            check_open_fraction(self.fold_val_fraction, "--fold-val-fraction")
         elif self.train.checkpoint != "last":
             # without an inner split a run's validation images are the fold it reports
             raise ConfigError("a checkpoint chosen on validation needs --fold-val-fraction: otherwise the held-out fold "
@@ -199,10 +197,9 @@ def save_convergence_plot(cfg: BenchmarkConfig, convergence: list[dict], path: P
     axes[0][-1].legend(fontsize=6, loc="lower right")
     fig.suptitle("Convergence: each run's validation Dice, the kept epoch marked", fontsize=9)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def collect_results(cfg: BenchmarkConfig, out: Path, samples_by_stem: dict) -> list[dict]:
