@@ -6,6 +6,9 @@
 # Usage: [FOLDS="0 1"] [ARMS="effunet_both"] bash studies/wrist_study.sh PHASE
 #   screen   train each arm on each fold in FOLDS (patient-grouped 5-fold split made within each data
 #            folder, seed 0) and score its held-out images per folder (RUNS/screen/ARM_fK/eval)
+#   pair     for each fold in FOLDS, the 2-member ensemble of effunet_both_fK and effunet_both_t1_fK
+#            (RUNS/screen/effunet_pair_fK, `nerveseg ensemble`), scored on the images neither member
+#            trained on (`--subset unseen`: fold K's held-out images) in RUNS/screen/effunet_pair_fK/eval
 #   final    train the shipped recipe on every image of both folders (no hold-out, last epoch kept)
 #   ship     copy the final run (or SHIP_RUN) into src/nerveseg/pretrained/ with its ONNX graph and model card
 # Arms (all --recipe nerveseg: Dice + BCE, poly schedule, shear/hflip/gamma/contrast, last epoch):
@@ -13,6 +16,8 @@
 #   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
 #   sa_wrist       sa_unet, mn-wrist only, 60 epochs
 #   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
+#   effunet_both_t1  effunet_both with another training seed (--train-seed 1) on the same split: the second
+#                  member of a seed pair (phase `pair`), after 320 px fell short on folds 0-1
 #   effunet_both_384, effunet_both_320, effunet_both_45   the wrist levers after the 5-fold figures fell
 #                  short of 0.90: a larger input (wrist nerves are a few hundred pixels at 256; 384 px took about
 #                  1.8x the 256-px model's time per 606x468 frame, over the 100-ms budget, so 320 px is the one
@@ -33,6 +38,7 @@ arm_args() {  # the training flags of an arm
   case "$1" in
     effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
+    effunet_both_t1) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --train-seed 1" ;;
     effunet_both_384) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 384" ;;
     effunet_both_320) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 320" ;;
     effunet_both_45)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 45" ;;
@@ -65,6 +71,15 @@ case "${1:-}" in
             --quiet --no-overlays
         fi
       done
+    done
+    ;;
+  pair)
+    for k in $FOLDS; do
+      pair="$RUNS/screen/effunet_pair_f$k"
+      [ -f "$pair/config.json" ] || nerveseg ensemble --out "$pair" --names s0,s1 \
+        "$RUNS/screen/effunet_both_f$k" "$RUNS/screen/effunet_both_t1_f$k"
+      [ -f "$pair/eval/metrics.json" ] || nerveseg evaluate --model "$pair" --data "$WRIST" --data "$USGRA" \
+        --subset unseen --out "$pair/eval" --quiet --no-overlays
     done
     ;;
   final)
