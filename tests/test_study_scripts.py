@@ -530,12 +530,12 @@ def test_against_compares_all_images_and_each_data_folder_on_the_images_both_hol
 
 
 FAKE_TRAIN_EVALUATE = r"""#!/usr/bin/env bash
-# a stand-in nerveseg: records each call; train writes config.json, evaluate its metrics.json
+# a stand-in nerveseg: records each call; train and ensemble write config.json, evaluate its metrics.json
 echo "$*" >> "$CALLS"
 command=$1
 while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; esac; shift; done
 mkdir -p "$out"
-if [ "$command" = train ]; then echo "{}" > "$out/config.json"; else echo "{}" > "$out/metrics.json"; fi
+case "$command" in train|ensemble) echo "{}" > "$out/config.json";; *) echo "{}" > "$out/metrics.json";; esac
 """
 
 
@@ -559,3 +559,25 @@ def test_wrist_levers_train_their_flags_score_with_tta_when_asked_and_skip_what_
     assert screen(ARMS="effunet_both_384 effunet_both_45", FOLDS="0", EVAL_TTA="1") == []
     # without EVAL_TTA the flip evaluation is not made
     assert not [c for c in screen(ARMS="effunet_both_384", FOLDS="1") if "--tta" in c]
+
+
+def test_wrist_seed_pair_trains_a_second_seed_on_the_same_split_and_scores_the_pair_on_its_fold(tmp_path):
+    def phase(name, **env):
+        result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), name],
+                                    SHARED="/data", RUNS=str(tmp_path / "runs"), **env)
+        assert result.returncode == 0, result.stderr
+        return calls
+
+    trains = [c for c in phase("screen", ARMS="effunet_both effunet_both_t1", FOLDS="2") if c.startswith("train")]
+    assert len(trains) == 2
+    # the same split (--seed untouched, same fold), another training seed for the second member only
+    assert all("--folds 5 --fold 2" in c and "--seed" not in c.replace("--train-seed", "") for c in trains)
+    assert "--train-seed" not in trains[0] and "--train-seed 1" in trains[1]
+    screen_dir = tmp_path / "runs" / "screen"
+    ensemble, evaluation = phase("pair", FOLDS="2")
+    assert ensemble == (f"ensemble --out {screen_dir}/effunet_pair_f2 --names s0,s1 "
+                        f"{screen_dir}/effunet_both_f2 {screen_dir}/effunet_both_t1_f2")
+    # scored on the images neither member trained on: the fold's held-out images
+    assert evaluation.startswith(f"evaluate --model {screen_dir}/effunet_pair_f2 --data /data/mn-wrist "
+                                 "--data /data/usgra-seg --subset unseen")
+    assert phase("pair", FOLDS="2") == []  # built and scored: nothing is made again
