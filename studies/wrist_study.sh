@@ -18,6 +18,8 @@
 #   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
 #   effunet_both_t1  effunet_both with another training seed (--train-seed 1) on the same split: the second
 #                  member of a seed pair (phase `pair`), after 320 px fell short on folds 0-1
+#   effunet_lite1_both, effunet_lite2_both  effunet_both on the deeper (Lite1) or deeper and wider (Lite2)
+#                  ImageNet encoder, same decoder and recipe
 #   effunet_both_384, effunet_both_320, effunet_both_45   the wrist levers after the 5-fold figures fell
 #                  short of 0.90: a larger input (wrist nerves are a few hundred pixels at 256; 384 px took about
 #                  1.8x the 256-px model's time per 606x468 frame, over the 100-ms budget, so 320 px is the one
@@ -39,6 +41,8 @@ arm_args() {  # the training flags of an arm
     effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
     effunet_both_t1) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --train-seed 1" ;;
+    effunet_lite1_both) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --model-kwargs {\"encoder\":\"lite1\"}" ;;
+    effunet_lite2_both) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --model-kwargs {\"encoder\":\"lite2\"}" ;;
     effunet_both_384) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 384" ;;
     effunet_both_320) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --size 320" ;;
     effunet_both_45)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 45" ;;

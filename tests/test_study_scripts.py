@@ -581,3 +581,17 @@ def test_wrist_seed_pair_trains_a_second_seed_on_the_same_split_and_scores_the_p
     assert evaluation.startswith(f"evaluate --model {screen_dir}/effunet_pair_f2 --data /data/mn-wrist "
                                  "--data /data/usgra-seg --subset unseen")
     assert phase("pair", FOLDS="2") == []  # built and scored: nothing is made again
+
+
+def test_wrist_larger_encoder_arms_pass_their_encoder_as_one_json_argument(tmp_path):
+    # a stand-in that records its arguments one per line, to see how the shell split them
+    fake = FAKE_TRAIN_EVALUATE.replace('echo "$*" >> "$CALLS"', 'printf "%s\\n" "$@" >> "$CALLS"; echo --- >> "$CALLS"')
+    result, lines = _run_driver(tmp_path, fake, [str(STUDIES / "wrist_study.sh"), "screen"], SHARED="/data",
+                                RUNS=str(tmp_path / "runs"), ARMS="effunet_lite1_both effunet_lite2_both", FOLDS="0")
+    assert result.returncode == 0, result.stderr
+    for variant in ("lite1", "lite2"):
+        i = lines.index(f"{tmp_path}/runs/screen/effunet_{variant}_both_f0")
+        call = lines[max(j for j in range(i) if lines[j] == "train"):]  # the train call that writes that run
+        call = call[:call.index("---")]
+        assert call[call.index("--model-kwargs") + 1] == '{"encoder":"%s"}' % variant
+        assert json.loads(call[call.index("--model-kwargs") + 1]) == {"encoder": variant}
