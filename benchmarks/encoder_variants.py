@@ -3,7 +3,8 @@
 For each encoder, in one run (so only the ratios between them count): parameters, the training step
 (batch 4 at SIZE px, fp32, channels_last, Adam, BCE on logits; the median of REPEATS steps after two
 warm-up steps) and the network's inference through onnxruntime (1 x SIZE x SIZE, the exported graph with
-BatchNorm folded, as the shipped model runs). The variants are measured round-robin, REPEATS rounds,
+BatchNorm folded, as the shipped model runs; per round the fastest of 5 runs after one warm-up, then the
+median over rounds). The variants are measured round-robin, REPEATS rounds,
 so a slow spell of the machine falls on all of them; one onnxruntime session lives at a time (an idle
 session's threads spin and would steal the CPU from the one being timed, see latency.py).
 
