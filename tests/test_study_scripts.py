@@ -595,3 +595,46 @@ def test_wrist_larger_encoder_arms_pass_their_encoder_as_one_json_argument(tmp_p
         call = call[:call.index("---")]
         assert call[call.index("--model-kwargs") + 1] == '{"encoder":"%s"}' % variant
         assert json.loads(call[call.index("--model-kwargs") + 1]) == {"encoder": variant}
+
+
+def _write_rows(path: Path, rows: list[tuple[str, float, int, int, str]]) -> Path:
+    """A per_image.csv of (stem, dice, area_pred_px, area_truth_px, source) rows (a miss where Dice is 0)."""
+    path.mkdir(parents=True, exist_ok=True)
+    lines = ["stem,dice,hd95,zero_overlap,area_pred_px,area_truth_px,source"]
+    lines += [f"{s},{d},1.0,{int(d == 0)},{p},{t},{src}" for s, d, p, t, src in rows]
+    (path / "per_image.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_repeated_cv_means_over_repeats_by_hand(tmp_path):
+    repeated = _script("repeated_cv")
+    # repeat a: two fold folders; repeat b: one pooled folder with the same four images
+    a0 = _write_rows(tmp_path / "a0", [("w1", 0.9, 110, 100, "wrist"), ("u1", 0.5, 50, 100, "usgra")])
+    a1 = _write_rows(tmp_path / "a1", [("w2", 0.7, 90, 100, "wrist"), ("u2", 0.0, 0, 100, "usgra")])
+    b = _write_rows(tmp_path / "b", [("w1", 0.8, 120, 100, "wrist"), ("w2", 0.9, 100, 100, "wrist"),
+                                     ("u1", 0.6, 100, 100, "usgra"), ("u2", 0.2, 150, 100, "usgra")])
+    out = repeated.main(["--repeat", "a", str(a0), str(a1), "--repeat", "b", str(b), "--json", str(tmp_path / "r.json")])
+    wrist = out["wrist"]
+    assert wrist["repeats"]["a"]["dice_mean"] == pytest.approx(0.8)
+    assert wrist["repeats"]["b"]["dice_mean"] == pytest.approx(0.85)
+    assert wrist["over_repeats"]["dice_mean"]["mean"] == pytest.approx(0.825)
+    assert wrist["over_repeats"]["dice_mean"]["sd"] == pytest.approx(np.std([0.8, 0.85], ddof=1))
+    # median absolute area error: a = median(10%, 10%) = 10%, b = median(20%, 0%) = 10%
+    assert wrist["repeats"]["a"]["median_ape_percent"] == pytest.approx(10.0)
+    assert wrist["repeats"]["b"]["median_ape_percent"] == pytest.approx(10.0)
+    usgra = out["usgra"]
+    assert usgra["repeats"]["a"]["zero_overlap"] == 1 and usgra["repeats"]["b"]["zero_overlap"] == 0
+    assert usgra["over_repeats"]["zero_overlap"]["mean"] == pytest.approx(0.5)
+    assert out["all"]["n"] == 4 and out["all"]["over_repeats"]["dice_mean"]["mean"] == pytest.approx((0.525 + 0.625) / 2)
+    assert out["wrist"]["against_first"]["b"]["mean_difference"] == pytest.approx(0.05)
+    assert json.loads((tmp_path / "r.json").read_text())["by_source"]["wrist"]["n"] == 2
+
+
+def test_repeated_cv_refuses_repeats_over_other_images_or_an_image_twice(tmp_path):
+    repeated = _script("repeated_cv")
+    a = _write_rows(tmp_path / "a", [("w1", 0.9, 110, 100, "wrist"), ("w2", 0.7, 90, 100, "wrist")])
+    b = _write_rows(tmp_path / "b", [("w1", 0.8, 120, 100, "wrist")])
+    with pytest.raises(SystemExit, match="same images"):
+        repeated.main(["--repeat", "a", str(a), "--repeat", "b", str(b)])
+    with pytest.raises(SystemExit, match="already in this repeat"):
+        repeated.main(["--repeat", "a", str(a), str(a)])
