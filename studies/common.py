@@ -33,7 +33,9 @@ def fold_runs_parser(doc: str) -> argparse.ArgumentParser:
     averaged as one ensemble) and --data."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path, help="folders of fold_k/ runs trained on the same splits")
-    ap.add_argument("--data", required=True, type=Path, help="the dataset folder they were trained on")
+    ap.add_argument("--data", required=True, type=Path, action="append",
+                    help="the dataset folder they were trained on (repeat it for runs trained on several, "
+                         "`nerveseg train --data A --data B`)")
     return ap
 
 
@@ -49,12 +51,20 @@ def folds_of_every_run(runs: list[Path], wanted: list[int] | None = None) -> lis
     return folds
 
 
-def samples_by_stem(data: Path) -> dict:
-    """{stem: Sample} of a dataset folder."""
+def samples_by_stem(data: Path | list[Path]) -> dict:
+    """{stem: Sample} of a dataset folder, or of several (a stem in two of them is an error: the
+    held-out stems of a run would not say which image they mean)."""
     from nerveseg.data.samples import discover_samples
 
-    samples, _ = discover_samples(data)
-    return {s.stem: s for s in samples}
+    out: dict = {}
+    for folder in [data] if isinstance(data, (str, Path)) else data:
+        samples, _ = discover_samples(Path(folder))
+        twice = sorted({s.stem for s in samples} & set(out))
+        if twice:
+            raise SystemExit(f"{folder}: stems {twice[:3]} are also in another --data folder; "
+                             "the studies need stems that are unique across the folders")
+        out.update({s.stem: s for s in samples})
+    return out
 
 
 def fold_probabilities(fold_run: Path, samples_by_stem: dict) -> dict[str, np.ndarray]:

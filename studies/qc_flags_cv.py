@@ -1,6 +1,6 @@
 """Do the measurement QC flags catch the segmentations that are wrong? Checked on cross-validation.
 
-    python studies/qc_flags_cv.py RUN [RUN ...] --data DATA [--threshold 0.4] [--fail-below 0.3] \
+    python studies/qc_flags_cv.py RUN [RUN ...] --data DATA [--data DATA ...] [--threshold 0.4] [--fail-below 0.3] \
         [--low-confidence 0.7] [--out OUT.json]
 
 RUNs hold ``fold_k/`` runs trained on the same splits; each held-out image's nerve probability is

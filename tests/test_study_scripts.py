@@ -638,3 +638,21 @@ def test_repeated_cv_refuses_repeats_over_other_images_or_an_image_twice(tmp_pat
         repeated.main(["--repeat", "a", str(a), "--repeat", "b", str(b)])
     with pytest.raises(SystemExit, match="already in this repeat"):
         repeated.main(["--repeat", "a", str(a), str(a)])
+
+
+def test_studies_read_the_samples_of_several_data_folders_and_refuse_a_stem_in_two(tmp_path):
+    from conftest import write_ellipse_dataset
+
+    common = _script("common")
+    a = write_ellipse_dataset(tmp_path / "a", 3)
+    b = write_ellipse_dataset(tmp_path / "b", 2, seed=1)
+    for path in sorted((b / "images").iterdir()) + sorted((b / "masks").iterdir()):
+        path.rename(path.with_name("b" + path.name))
+    by_stem = common.samples_by_stem([a, b])
+    assert sorted(by_stem) == ["000", "001", "002", "b000", "b001"]
+    assert by_stem["b001"].image_path.parent.parent == b
+    assert sorted(common.samples_by_stem(a)) == ["000", "001", "002"]
+    args = common.fold_runs_parser("doc").parse_args(["run", "--data", str(a), "--data", str(b)])
+    assert args.data == [a, b]
+    with pytest.raises(SystemExit, match="also in another --data folder"):
+        common.samples_by_stem([a, write_ellipse_dataset(tmp_path / "c", 1)])
