@@ -83,6 +83,8 @@ def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None,
                "fold(s) of a 5-fold split by image")
     by_source = m.get("by_source") or {}
     if by_source:  # several data folders: each one's figure, as the model card reports them
+        # folds are made within each data set, grouped by patient where it names them (mn-wrist's manifest.csv)
+        how = how.replace("split by image", "split made within each data set, by patient where it names them")
         figures = "; ".join(f"{source}: nerve Dice {c['dice']['mean']:.3f} ± {c['dice']['sd']:.3f} ({c['n_images']} images), "
                             f"{100 * c['zero_overlap_rate']:.1f}% complete misses" for source, c in by_source.items())
     return {

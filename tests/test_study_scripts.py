@@ -656,3 +656,18 @@ def test_studies_read_the_samples_of_several_data_folders_and_refuse_a_stem_in_t
     assert args.data == [a, b]
     with pytest.raises(SystemExit, match="also in another --data folder"):
         common.samples_by_stem([a, write_ellipse_dataset(tmp_path / "c", 1)])
+
+
+def test_model_card_of_an_all_data_model_gives_each_data_folder_and_its_split(tmp_path):
+    from nerveseg.config import RunConfig
+
+    ship = _script("ship_default_model")
+    part = {"dice": {"mean": 0.9, "sd": 0.05}, "zero_overlap_rate": 0.0, "n_images": 190}
+    metrics = {"n_images": 394, "dice": {"mean": 0.8, "sd": 0.2}, "zero_overlap_rate": 0.03,
+               "by_source": {"mn-wrist": part, "usgra-seg": {**part, "n_images": 204, "zero_overlap_rate": 0.059}}}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    card = ship.model_card(tmp_path / "metrics.json", RunConfig(), cv_folds=5)
+    assert "these weights saw every image" in card["validation"]
+    assert "by patient where it names them" in card["validation"] and "split by image" not in card["validation"]
+    assert "mn-wrist: nerve Dice 0.900 ± 0.050 (190 images), 0.0% complete misses" in card["validation"]
+    assert "usgra-seg: nerve Dice 0.900 ± 0.050 (204 images), 5.9% complete misses" in card["validation"]
