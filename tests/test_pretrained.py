@@ -79,9 +79,9 @@ def test_shipped_model_finds_nerves_in_real_images(real_data, tmp_path):
         dices.append(image_metrics(predictor.predict(image), read_mask(sample.mask_path, label=1))["dice"])
     assert np.mean(dices) > 0.6, dices
     meta = json.loads((pretrained_dir() / "config.json").read_text())
-    # fold 0 of the patient-grouped 5-fold split of both data sets: 4/5 trained, 1/5 held out (docs/MODEL_CARD.md)
-    assert len(meta["train_stems"]) == 315 and len(meta["val_stems"]) == 79
-    assert not set(meta["train_stems"]) & set(meta["val_stems"])
+    # trained on every image of both data sets (docs/MODEL_CARD.md): 204 usgra-seg + 190 mn-wrist, none held out
+    assert len(meta["train_stems"]) == 394 and meta["val_stems"] == []
+    assert {s.stem for s in samples} <= set(meta["train_stems"])
 
 
 def test_shipped_folder_may_be_an_ensemble_of_any_member_names(tmp_path):
@@ -107,8 +107,10 @@ def test_shipped_folder_may_be_an_ensemble_of_any_member_names(tmp_path):
 
 
 def test_shipped_model_finds_the_median_nerve_at_the_wrist():
-    # issue 22: the model shipped before outlined the flexor tendons here (mean Dice 0.045). These
-    # are fold 0's held-out patients, which the shipped weights never saw (config.json val_stems)
+    # issue 22: the model shipped before outlined the flexor tendons here (mean Dice 0.045). The shipped
+    # weights saw every mn-wrist image, so this checks the wiring on the wrist (weights, letterbox of a
+    # 606x468 frame, label); how the recipe does on patients it never saw is the cross-validation in
+    # docs/MODEL_CARD.md (mn-wrist 0.891 and 0.892 over two repeats)
     from conftest import REAL_DATA
 
     wrist = REAL_DATA.parent / "mn-wrist"
@@ -117,10 +119,10 @@ def test_shipped_model_finds_the_median_nerve_at_the_wrist():
     from nerveseg.data import read_image, read_mask
     from nerveseg.data.samples import discover_samples
 
-    held_out = set(json.loads((pretrained_dir() / "config.json").read_text())["val_stems"])
-    samples = [s for s in discover_samples(wrist)[0] if s.stem in held_out]
-    assert len(samples) == 38
+    samples = discover_samples(wrist)[0]
+    assert len(samples) == 190
+    assert {s.stem for s in samples} <= set(json.loads((pretrained_dir() / "config.json").read_text())["train_stems"])
     predictor = Predictor.from_run(pretrained_dir(), device="cpu")
     dices = [image_metrics(predictor.predict(read_image(s.image_path)), read_mask(s.mask_path, label=1))["dice"]
-             for s in samples[::4]]
+             for s in samples[::19]]
     assert np.mean(dices) > 0.8 and min(dices) > 0.3, dices
