@@ -176,6 +176,22 @@ def mean_sd(d: dict) -> str:
     return f"{d['dice_mean']:.3f} ± {d['dice_sd']:.3f}"
 
 
+def source_groups(rows: dict[str, dict], stems: list[str]) -> list[tuple[str | None, list[str]]]:
+    """(None, all ``stems``), then (source, its stems) for each data folder when the rows come from
+    several: an arm can win on one anatomy and lose on the other, so each is judged on its own too."""
+    sources = sorted({rows[s].get("source") or "" for s in stems})
+    per_source = [(src, [s for s in stems if (rows[s].get("source") or "") == src]) for src in sources]
+    return [(None, list(stems))] + (per_source if len(sources) > 1 else [])
+
+
+def area_agreement_px(rows: list[dict]) -> dict:
+    """The nerve-area agreement in px (median absolute % error, Bland-Altman, Lin's CCC) of per_image.csv rows."""
+    from nerveseg.evaluation.evaluate import agreement_summary
+
+    return agreement_summary([{"area_pred_px": float(r["area_pred_px"]), "area_truth_px": float(r["area_truth_px"])}
+                              for r in rows])["px"]
+
+
 def paired(a: np.ndarray, b: np.ndarray) -> dict:
     """a minus b on the same images: mean and median difference, two-sided Wilcoxon signed-rank p
     (1.0 when the two are identical)."""

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import column, describe, load_per_image, mean_sd, paired  # noqa: E402
+from common import area_agreement_px, column, describe, load_per_image, mean_sd, paired, source_groups  # noqa: E402
 
 from nerveseg.evaluation.evaluate import (  # noqa: E402
     PER_IMAGE_FIELDS,
@@ -80,12 +80,8 @@ def compare_against(pooled: dict[str, dict], other: dict[str, dict]) -> list[dic
     """Per-image nerve Dice of ``pooled`` against ``other`` on the images both hold: all of them, then
     each data folder (``source``) on its own when there are several (an arm can win on one anatomy
     and lose on the other). Paired two-sided Wilcoxon signed-rank test (scipy)."""
-    shared = sorted(set(pooled) & set(other))
-    sources = sorted({pooled[s].get("source") or "" for s in shared})
-    groups = [(None, shared)] + ([(src, [s for s in shared if (pooled[s].get("source") or "") == src]) for src in sources]
-                                 if len(sources) > 1 else [])
     out = []
-    for source, stems in groups:
+    for source, stems in source_groups(pooled, sorted(set(pooled) & set(other))):
         a, b = column(pooled, stems=stems), column(other, stems=stems)
         out.append({"source": source, "n": len(stems), "mean": float(a.mean()), "other_mean": float(b.mean()),
                      **paired(a, b)})
@@ -94,8 +90,7 @@ def compare_against(pooled: dict[str, dict], other: dict[str, dict]) -> list[dic
 
 def _table_row(name: str, rows: list[dict]) -> str:
     d = describe(rows)
-    area = agreement_summary([{"area_pred_px": float(r["area_pred_px"]), "area_truth_px": float(r["area_truth_px"])}
-                              for r in rows])["px"]
+    area = area_agreement_px(rows)
     ba = area["bland_altman"]
 
     def fmt(value, spec: str) -> str:  # None where a figure is undefined (e.g. CCC of constant areas)

@@ -22,9 +22,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import column, describe, load_per_image, paired  # noqa: E402
+from common import area_agreement_px, column, describe, load_per_image, paired, source_groups  # noqa: E402
 
-from nerveseg.evaluation.evaluate import agreement_summary  # noqa: E402
 from nerveseg.io_utils import atomic_write_json  # noqa: E402
 
 
@@ -46,8 +45,7 @@ def load_repeat(evals: list[Path]) -> dict[str, dict]:
 def repeat_figures(rows: list[dict]) -> dict:
     """n, Dice mean/SD/median, misses and the median absolute area error (%) of one repeat's rows."""
     d = describe(rows)
-    area = agreement_summary([{"area_pred_px": float(r["area_pred_px"]), "area_truth_px": float(r["area_truth_px"])}
-                              for r in rows])["px"]
+    area = area_agreement_px(rows)
     return {"n": d["n"], "dice_mean": d["dice_mean"], "dice_sd": d["dice_sd"], "dice_median": d["dice_median"],
             "zero_overlap": d["zero_overlap"], "median_ape_percent": area["median_ape_percent"]}
 
@@ -63,11 +61,9 @@ def summarize_repeats(repeats: dict[str, dict[str, dict]]) -> dict:
             raise SystemExit(f"repeat {name!r} does not score the same images as {names[0]!r} "
                              f"(differ on {len(only)}, e.g. {only[:3]}): repeats of a CV must cover the same images")
     first = repeats[names[0]]
-    sources = sorted({first[s].get("source") or "" for s in stems})
-    groups = [("all", stems)] + ([(src, [s for s in stems if (first[s].get("source") or "") == src]) for src in sources]
-                                 if len(sources) > 1 else [])
     out: dict = {}
-    for source, chosen in groups:
+    for source, chosen in source_groups(first, stems):
+        source = source or "all"
         per_repeat = {name: repeat_figures([repeats[name][s] for s in chosen]) for name in names}
         keys = ("dice_mean", "dice_median", "zero_overlap", "median_ape_percent")
         over = {}
