@@ -52,6 +52,13 @@ arm_args() {  # the training flags of an arm
   esac
 }
 
+arm_data() {  # the data folders an arm trains on, and so is scored on (its held-out fold of each)
+  case "$1" in
+    *_wrist) echo "--data $WRIST" ;;
+    *) echo "--data $WRIST --data $USGRA" ;;
+  esac
+}
+
 train_run() {  # train_run OUT FLAGS...: train, resume an interrupted run, or skip a finished one
   local out=$1; shift
   [ -f "$out/.trained" ] && { echo "finished: $out"; return 0; }
@@ -68,10 +75,12 @@ case "${1:-}" in
         run="$RUNS/screen/${arm}_f$k"
         # shellcheck disable=SC2046
         train_run "$run" $(arm_args "$arm") --folds 5 --fold "$k"
-        [ -f "$run/eval/metrics.json" ] || nerveseg evaluate --model "$run" --data "$WRIST" --data "$USGRA" \
+        # shellcheck disable=SC2046
+        [ -f "$run/eval/metrics.json" ] || nerveseg evaluate --model "$run" $(arm_data "$arm") \
           --subset val --out "$run/eval" --quiet --no-overlays
         if [ "${EVAL_TTA:-0}" = 1 ] && [ ! -f "$run/eval_tta/metrics.json" ]; then
-          nerveseg evaluate --model "$run" --data "$WRIST" --data "$USGRA" --subset val --tta --out "$run/eval_tta" \
+          # shellcheck disable=SC2046
+          nerveseg evaluate --model "$run" $(arm_data "$arm") --subset val --tta --out "$run/eval_tta" \
             --quiet --no-overlays
         fi
       done
