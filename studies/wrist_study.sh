@@ -16,6 +16,8 @@
 #   sa_both        sa_unet, both folders, 60 epochs (the recipe's own length)
 #   sa_wrist       sa_unet, mn-wrist only, 60 epochs
 #   effunet_wrist  efficientnet_unet, mn-wrist only, 30 epochs
+#   effunet_usgra  efficientnet_unet, usgra-seg only, 30 epochs (with effunet_wrist: one model per anatomy,
+#                  against the shared model; each scored on its own folder's held-out fold)
 #   effunet_both_t1  effunet_both with another training seed (--train-seed 1) on the same split: the second
 #                  member of a seed pair (phase `pair`), after 320 px fell short on folds 0-1
 #   effunet_lite1_both, effunet_lite2_both  effunet_both on the deeper (Lite1) or deeper and wider (Lite2)
@@ -40,6 +42,7 @@ arm_args() {  # the training flags of an arm
   case "$1" in
     effunet_both)  echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_wrist) echo "--data $WRIST --arch efficientnet_unet --epochs 30" ;;
+    effunet_usgra) echo "--data $USGRA --arch efficientnet_unet --epochs 30" ;;
     effunet_both_t1) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --train-seed 1" ;;
     effunet_lite1_both) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --model-kwargs {\"encoder\":\"lite1\"}" ;;
     effunet_lite2_both) echo "--data $WRIST --data $USGRA --arch efficientnet_unet --epochs 30 --model-kwargs {\"encoder\":\"lite2\"}" ;;
@@ -55,6 +58,7 @@ arm_args() {  # the training flags of an arm
 arm_data() {  # the data folders an arm trains on, and so is scored on (its held-out fold of each)
   case "$1" in
     *_wrist) echo "--data $WRIST" ;;
+    *_usgra) echo "--data $USGRA" ;;
     *) echo "--data $WRIST --data $USGRA" ;;
   esac
 }
@@ -106,5 +110,5 @@ case "${1:-}" in
       ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"}
     ;;
   *)
-    sed -n '2,21p' "$0"; exit 2 ;;
+    sed -n '2,31p' "$0"; exit 2 ;;
 esac

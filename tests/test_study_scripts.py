@@ -561,7 +561,7 @@ def test_wrist_levers_train_their_flags_score_with_tta_when_asked_and_skip_what_
     assert not [c for c in screen(ARMS="effunet_both_384", FOLDS="1") if "--tta" in c]
 
 
-def test_wrist_only_arm_trains_and_is_scored_on_the_wrist_folder_alone(tmp_path):
+def test_one_folder_arms_train_and_are_scored_on_their_folder_alone(tmp_path):
     result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), "screen"],
                                 SHARED="/data", RUNS=str(tmp_path / "runs"), ARMS="effunet_wrist effunet_both", FOLDS="3")
     assert result.returncode == 0, result.stderr
@@ -572,6 +572,10 @@ def test_wrist_only_arm_trains_and_is_scored_on_the_wrist_folder_alone(tmp_path)
     assert wrist_eval.startswith(f"evaluate --model {tmp_path}/runs/screen/effunet_wrist_f3 ") and "--subset val" in wrist_eval
     for call in (both_train, both_eval):
         assert "--data /data/mn-wrist --data /data/usgra-seg" in call
+    result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), "screen"],
+                                SHARED="/data", RUNS=str(tmp_path / "runs"), ARMS="effunet_usgra", FOLDS="3")
+    assert result.returncode == 0, result.stderr
+    assert len(calls) == 2 and all("--data /data/usgra-seg" in c and "mn-wrist" not in c for c in calls)
 
 
 def test_wrist_seed_pair_trains_a_second_seed_on_the_same_split_and_scores_the_pair_on_its_fold(tmp_path):
