@@ -122,3 +122,81 @@ def test_router_is_cross_validated_by_subject_saved_and_loaded(tmp_path):
         load_router(tmp_path / "router")
     with pytest.raises(ConfigError, match="no images"):
         fit_router({"wrist": routes["wrist"], "nerves": []}, size=64, folds=3)
+
+
+def _member_run(path, seed: int):
+    """A run folder of a small seeded-random SA-UNet (nerve only, 32 px)."""
+    import json
+
+    from nerveseg.config import DataConfig, ModelConfig, PreprocessConfig, RunConfig
+    from nerveseg.models import create
+    from nerveseg.training.checkpoint import save_weights
+
+    torch.manual_seed(seed)
+    small = {"features": [8, 16, 32, 64, 128]}
+    config = RunConfig(model=ModelConfig("sa_unet", dict(small)), preprocess=PreprocessConfig(size=32),
+                       data=DataConfig("data", label=1))
+    config.train_stems = [f"{path.name}-img"]
+    path.mkdir(parents=True)
+    save_weights(create("sa_unet", **small).eval(), path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(config.to_dict()))
+    return path
+
+
+def _router_between(images: list[np.ndarray], size: int) -> AnatomyRouter:
+    """A random-trunk router whose hand-set probe sends images[0] to route "a" and images[1] to "b"."""
+    from nerveseg.data.preprocess import to_network_input
+
+    torch.manual_seed(0)
+    router = AnatomyRouter(["a", "b"])
+    f = torch.cat([router.pooled_features(to_network_input(img, size)[0]) for img in images])
+    direction = f[1] - f[0]
+    router.set_probe((f[0] + f[1]) / 2, torch.ones(router.feature_dim), torch.stack([-direction, direction]),
+                     torch.zeros(2))
+    return router
+
+
+def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, capsys):
+    from nerveseg.cli.main import main
+    from nerveseg.config import RunConfig
+    from nerveseg.inference.onnx_backend import OnnxPredictor, load_predictor
+    from nerveseg.inference.predictor import Predictor, RoutedPredictor
+    from nerveseg.training.router import RouterFit, save_router
+
+    rng = np.random.default_rng(5)
+    bright = np.clip(rng.random((40, 52)) * 0.3 + 0.6, 0, 1).astype(np.float32)
+    yy, xx = np.mgrid[:40, :52]
+    striped = ((np.sin(xx / 2.0) > 0) * 0.8 + rng.random((40, 52)) * 0.1).astype(np.float32)
+    images = [bright, striped]
+    router = _router_between(images, 32)
+    save_router(router, RouterFit(routes=["a", "b"], size=32, images_per_route={"a": 1, "b": 1}, folds=2),
+                tmp_path / "router")
+    run_a, run_b = _member_run(tmp_path / "ra", 1), _member_run(tmp_path / "rb", 2)
+    model = tmp_path / "routed"
+    assert main(["ensemble", str(run_a), str(run_b), "--names", "a,b", "--route-by", str(tmp_path / "router"),
+                 "--out", str(model)]) == 0
+    assert "routed model" in capsys.readouterr().out
+    config = RunConfig.load(model / "config.json")
+    assert config.router == "router" and config.members == ["a", "b"]
+    assert sorted(p.name for p in (model / "router").iterdir()) == ["router.json", "router.safetensors"]
+    alone = {name: Predictor.from_run(run, device="cpu") for name, run in (("a", run_a), ("b", run_b))}
+    for loader in (lambda p: Predictor.from_run(p, device="cpu"), OnnxPredictor.from_run, load_predictor):
+        routed = loader(model)
+        assert isinstance(routed, RoutedPredictor)
+        for tta in (False, True):
+            routed.tta = tta
+            out = routed.predict_many([striped, bright, striped])
+            assert routed.last_routes == ["b", "a", "b"]
+            for prob, image, name in zip(out, [striped, bright, striped], "bab"):
+                alone[name].tta = tta
+                expected = alone[name].predict(image)
+                assert np.abs(expected - alone["a" if name == "b" else "b"].predict(image)).max() > 1e-3
+                np.testing.assert_allclose(prob, expected, atol=2e-4)
+    # routes must be the members, in order; a tampered router folder is refused when loading
+    assert main(["ensemble", str(run_a), str(run_b), "--names", "b,a", "--route-by", str(tmp_path / "router"),
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "must be the member names" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    info = (model / "router" / "router.json").read_text().replace('"a"', '"c"')
+    (model / "router" / "router.json").write_text(info)
+    with pytest.raises(InputError, match="are not the model's members"):
+        Predictor.from_run(model, device="cpu")

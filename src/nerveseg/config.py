@@ -269,6 +269,9 @@ class RunConfig:
     nerveseg_version: str = ""
     # an ensemble folder: the member run folders, relative to it; predictions average their probabilities
     members: list[str] = field(default_factory=list)
+    # a routed model: the sub-folder of its anatomy router (router.safetensors, router.json); each image then
+    # goes to the one member the router names (members = the router's routes) instead of their average
+    router: str = ""
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     recipe: str = ""  # the named recipe the run started from ("" = assembled from flags)
 
@@ -295,6 +298,7 @@ class RunConfig:
             test_stems=list(d.get("test_stems", [])),
             nerveseg_version=d.get("nerveseg_version", ""),
             members=list(d.get("members", [])),
+            router=str(d.get("router", "")),
             inference=InferenceConfig(**d.get("inference", {})),
             recipe=d.get("recipe", ""),
         )
@@ -320,6 +324,8 @@ class RunConfig:
             value = data.get(key, [])
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise ConfigError(f"{path}: '{key}' must be a list of names")
+        if not isinstance(data.get("router", ""), str):
+            raise ConfigError(f"{path}: 'router' must be the name of the router's sub-folder")
         try:
             config = cls.from_dict(data)
         except ConfigError as exc:

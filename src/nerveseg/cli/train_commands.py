@@ -123,8 +123,9 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
     from ..training.trainer import assemble_ensemble
 
     names = [n.strip() for n in args.names.split(",")] if args.names else None
-    out = assemble_ensemble(args.runs, args.out, names)
-    print(f"wrote the ensemble {out} of {len(args.runs)} runs (use it as --model {out})")
+    out = assemble_ensemble(args.runs, args.out, names, router=args.route_by)
+    kind = "routed model" if args.route_by else "ensemble"
+    print(f"wrote the {kind} {out} of {len(args.runs)} runs (use it as --model {out})")
     return 0
 
 
@@ -221,4 +222,7 @@ def add_ensemble(sub) -> None:
     p.add_argument("runs", nargs="+", help="run folders; same input size and classes, any architectures")
     p.add_argument("--out", required=True, help="ensemble folder to create (members are copied into it)")
     p.add_argument("--names", default=None, help="comma-separated member folder names (default: the runs' names)")
+    p.add_argument("--route-by", default=None, metavar="ROUTER",
+                   help="a router folder (studies/anatomy_router.py): send each image to the one run its router "
+                        "names instead of averaging them; --names must be its routes, in order")
     p.set_defaults(func=cmd_ensemble)

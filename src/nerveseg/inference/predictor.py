@@ -1,6 +1,7 @@
 """Load a trained run folder and turn images into probability maps on their own pixel grid.
 
-Every predictor (PyTorch ``Predictor``, onnxruntime ``OnnxPredictor``, ``EnsemblePredictor``)
+Every predictor (PyTorch ``Predictor``, onnxruntime ``OnnxPredictor``, ``EnsemblePredictor``,
+``RoutedPredictor``)
 shares ``ProbabilityPredictor``'s pipeline: letterbox + standardise, the network's per-class
 sigmoid probabilities (averaged with the mirrored input under test-time augmentation, and over
 members for an ensemble, at the network's resolution), back to the original grid, then the
@@ -156,7 +157,9 @@ class EnsemblePredictor(ProbabilityPredictor):
         self.members = list(members)
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, load_member, tta: bool | None = None) -> "EnsemblePredictor":
+    def from_run(cls, run_dir: str | Path, load_member, tta: bool | None = None) -> "ProbabilityPredictor":
+        """The ensemble of ``run_dir``'s members (each loaded by ``load_member``), or, for a routed
+        model folder (``config.router``), its ``RoutedPredictor``."""
         run_dir = Path(run_dir)
         config = read_run_config(run_dir)
         members = []
@@ -166,6 +169,8 @@ class EnsemblePredictor(ProbabilityPredictor):
                 raise InputError(run_dir / "config.json", f"ensemble member {name!r} lies outside the ensemble folder",
                                  "members are sub-folders of the ensemble folder")
             members.append(load_member(member))
+        if config.router:
+            return RoutedPredictor(members, _load_folder_router(run_dir, config), config, tta)
         return cls(members, config, tta)
 
     def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -173,3 +178,67 @@ class EnsemblePredictor(ProbabilityPredictor):
         for m in self.members[1:]:
             total = total + m.network_probabilities(x)
         return total / len(self.members)
+
+
+def _load_folder_router(run_dir: Path, config: RunConfig):
+    """The router of a routed model folder; its routes must be the members, in order."""
+    from ..training.router import load_router
+
+    folder = (run_dir / config.router).resolve()
+    if run_dir.resolve() not in folder.parents:
+        raise InputError(run_dir / "config.json", f"router {config.router!r} lies outside the model folder",
+                         "the router is a sub-folder of the model folder")
+    router, info = load_router(folder)
+    if list(info["routes"]) != list(config.members):
+        raise InputError(folder / "router.json", f"routes {info['routes']} are not the model's members {config.members}",
+                         "assemble the model again with `nerveseg ensemble --route-by ROUTER --names ROUTES...`")
+    return router
+
+
+class RoutedPredictor(ProbabilityPredictor):
+    """One model per anatomy: each image goes to the one member its router names (``AnatomyRouter`` on
+    the same letterboxed input), so no user says which anatomy an image shows. Routes are decided once
+    per image (the mirrored input of test-time augmentation follows its image); ``last_routes`` holds
+    the route of every image of the last call, in order, for reports."""
+
+    def __init__(self, members: Sequence[ProbabilityPredictor], router: torch.nn.Module, config: RunConfig,
+                 tta: bool | None = None):
+        self._init_pipeline(config, tta)
+        if len(members) != len(router.routes):
+            raise ConfigError(f"{len(members)} members for the router's {len(router.routes)} routes")
+        for m in members:
+            if m.size != self.size or m.class_names != self.class_names:
+                raise ConfigError(f"routed members differ: input size {m.size} vs {self.size}, "
+                                  f"classes {m.class_names} vs {self.class_names}")
+        self.members = list(members)
+        self.router = router.eval()
+        self.route_names = list(router.routes)
+        self.last_routes: list[str] = []
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) member index of each standardised network input."""
+        return self.router(x.float().cpu()).argmax(dim=1)
+
+    def _routed(self, x: torch.Tensor, run) -> torch.Tensor:
+        routes = self.route(x)
+        self.last_routes = [self.route_names[int(i)] for i in routes]
+        out = None
+        for index in range(len(self.members)):
+            chosen = torch.nonzero(routes == index).flatten()
+            if len(chosen) == 0:
+                continue
+            prob = run(index, chosen)
+            if out is None:
+                out = torch.zeros((len(x),) + tuple(prob.shape[1:]), dtype=prob.dtype)
+            out[chosen] = prob
+        return out
+
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        return self._routed(x, lambda i, chosen: self.members[i].network_probabilities(x[chosen]))
+
+    def _batch_probabilities(self, x: torch.Tensor, boxes) -> torch.Tensor:
+        def run(i, chosen):
+            member = self.members[i]
+            member.tta = self.tta  # the member mirrors its own images, after they were routed
+            return member._batch_probabilities(x[chosen], [boxes[int(j)] for j in chosen])
+        return self._routed(x, run)

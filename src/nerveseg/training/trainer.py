@@ -473,7 +473,8 @@ def ensemble_config(fold_configs: list[RunConfig], members: list[str]) -> RunCon
     return config
 
 
-def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None) -> Path:
+def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[str] | None = None,
+                      router: str | Path | None = None) -> Path:
     """Make ``out_dir`` an ensemble folder of trained runs: a copy of each (config.json, weights and
     any exported model.onnx) as a member sub-folder, and a config.json naming them. Every predictor
     and command then loads ``out_dir`` like one model, averaging the members' probabilities.
@@ -481,7 +482,11 @@ def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[s
     Members may be different architectures (SA-UNet + U-Net) but must share the network input size
     and the classes, which the average needs. Copies, not links: the folder is shipped or moved whole,
     and the loader refuses links. Written in a temporary folder and renamed into place, so a failed
-    or interrupted call leaves nothing half-made."""
+    or interrupted call leaves nothing half-made.
+
+    ``router``: a folder written by ``training.router.save_router`` whose routes are ``names`` in order;
+    the folder is then a routed model (one member per image, chosen by the router, copied in as
+    ``router/``) instead of an average."""
     import shutil
     import tempfile
 
@@ -510,6 +515,16 @@ def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[s
             raise ConfigError(f"{run} differs from {runs[0]}: input size {config.preprocess.size} vs "
                               f"{first.preprocess.size}, classes {list(config.data.class_names)} vs "
                               f"{list(first.data.class_names)}; members must share both")
+    if router is not None:
+        from .router import ROUTER_CONFIG, ROUTER_WEIGHTS, load_router
+
+        router = Path(router)
+        routes = load_router(router)[1]["routes"]
+        if list(routes) != names:
+            raise ConfigError(f"the router's routes {routes} must be the member names {names}, in order; "
+                              f"pass --names {','.join(routes)} with the runs in that order")
+        if "router" in names:
+            raise ConfigError("no member may be named 'router' in a routed model")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -518,7 +533,13 @@ def assemble_ensemble(runs: list[str | Path], out_dir: str | Path, names: list[s
             for file in ("config.json", "model.safetensors", "model.onnx"):
                 if (run / file).is_file():
                     shutil.copyfile(run / file, tmp / name / file)
-        atomic_write_json(tmp / "config.json", ensemble_config(configs, names).to_dict())
+        config = ensemble_config(configs, names)
+        if router is not None:
+            (tmp / "router").mkdir()
+            for file in (ROUTER_WEIGHTS, ROUTER_CONFIG):
+                shutil.copyfile(router / file, tmp / "router" / file)
+            config.router = "router"
+        atomic_write_json(tmp / "config.json", config.to_dict())
         os.rename(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
