@@ -44,6 +44,8 @@ def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None,
     dest.mkdir(parents=True, exist_ok=True)
     config = portable(RunConfig.load(run / "config.json"), tta, keep_largest, threshold, low_confidence)
     atomic_write_json(dest / "config.json", config.to_dict())
+    if config.router:  # a routed model: its router (weights and routes, no path) goes with it
+        shutil.copytree(run / config.router, dest / config.router)
     if config.members:
         for member in config.members:
             ship_run(run / member, dest / member)

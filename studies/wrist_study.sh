@@ -10,6 +10,11 @@
 #            (RUNS/screen/effunet_pair_fK, `nerveseg ensemble`), scored on the images neither member
 #            trained on (`--subset unseen`: fold K's held-out images) in RUNS/screen/effunet_pair_fK/eval
 #   final    train the shipped recipe on every image of both folders (no hold-out, last epoch kept)
+#   final_routed  one model per anatomy instead: effunet_wrist and effunet_usgra each on every image of its
+#            folder, the anatomy router fitted on both folders (studies/anatomy_router.py, its patient-grouped
+#            accuracy in RUNS/final/router/router.json), and the two assembled as one routed model
+#            (`nerveseg ensemble --route-by`: each image goes to the model its router names) in RUNS/final/routed;
+#            ship it with SHIP_RUN=RUNS/final/routed
 #   ship     copy the final run (or SHIP_RUN) into src/nerveseg/pretrained/ with its ONNX graph and model card
 # Arms (all --recipe nerveseg: Dice + BCE, poly schedule, shear/hflip/gamma/contrast, last epoch):
 #   effunet_both   efficientnet_unet (ImageNet EfficientNet-Lite0 encoder), both folders, 30 epochs
@@ -28,7 +33,7 @@
 #                  that can ship), 45 epochs. Screened on folds 0-1 and compared per image with `python studies/pool_fold_evals.py ARM_f0/eval ARM_f1/eval --against
 #                  docs/results/wrist_cv_effunet/per_image.csv` (per folder, paired Wilcoxon)
 # EVAL_TTA=1 also scores each fold with flip test-time augmentation (RUNS/screen/ARM_fK/eval_tta).
-# Environment: SHARED (default ../shared/data), RUNS (default runs/wrist), THREADS (default 2).
+# Environment: SHARED (default ../shared/data), RUNS (default runs/wrist), THREADS (default 2), PYTHON (default python).
 set -euo pipefail
 SHARED=${SHARED:-../shared/data}
 RUNS=${RUNS:-runs/wrist}
@@ -102,6 +107,14 @@ case "${1:-}" in
   final)
     train_run "$RUNS/final/effunet_both" --data "$WRIST" --data "$USGRA" --arch efficientnet_unet --epochs 30 --val-fraction 0
     ;;
+  final_routed)
+    train_run "$RUNS/final/effunet_wrist" --data "$WRIST" --arch efficientnet_unet --epochs 30 --val-fraction 0
+    train_run "$RUNS/final/effunet_usgra" --data "$USGRA" --arch efficientnet_unet --epochs 30 --val-fraction 0
+    [ -f "$RUNS/final/router/router.json" ] || "${PYTHON:-python}" "$(dirname "$0")/anatomy_router.py" --route wrist "$WRIST" \
+      --route nerves "$USGRA" --out "$RUNS/final/router"
+    [ -f "$RUNS/final/routed/config.json" ] || nerveseg ensemble "$RUNS/final/effunet_wrist" "$RUNS/final/effunet_usgra" \
+      --names wrist,nerves --route-by "$RUNS/final/router" --out "$RUNS/final/routed"
+    ;;
   ship)
     # SHIP_RUN: the run to ship (default the final all-data run; stop 21 shipped the fold-0 run,
     # SHIP_RUN=runs/wrist/screen/effunet_both_f0, with its held-out figures as CARD_VALIDATION)
@@ -110,5 +123,5 @@ case "${1:-}" in
       ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"}
     ;;
   *)
-    sed -n '2,31p' "$0"; exit 2 ;;
+    sed -n '2,36p' "$0"; exit 2 ;;
 esac

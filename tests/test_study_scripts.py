@@ -578,6 +578,31 @@ def test_one_folder_arms_train_and_are_scored_on_their_folder_alone(tmp_path):
     assert len(calls) == 2 and all("--data /data/usgra-seg" in c and "mn-wrist" not in c for c in calls)
 
 
+def test_routed_final_trains_one_model_per_folder_fits_the_router_and_assembles_them_once(tmp_path):
+    fake_python = tmp_path / "fake_python"
+    fake_python.write_text('#!/usr/bin/env bash\necho "python $*" >> "$CALLS"\n'
+                           'while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; esac; shift; done\n'
+                           'mkdir -p "$out"; echo "{}" > "$out/router.json"\n')
+    fake_python.chmod(0o755)
+
+    def phase():
+        result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), "final_routed"],
+                                    SHARED="/data", RUNS=str(tmp_path / "runs"), PYTHON=str(fake_python))
+        assert result.returncode == 0, result.stderr
+        return calls
+
+    final = tmp_path / "runs" / "final"
+    wrist, usgra, router, ensemble = phase()
+    assert wrist.startswith("train ") and f"--out {final}/effunet_wrist " in wrist
+    assert "--data /data/mn-wrist --arch efficientnet_unet --epochs 30 --val-fraction 0" in wrist and "usgra" not in wrist
+    assert f"--out {final}/effunet_usgra " in usgra and "--data /data/usgra-seg --arch" in usgra and "mn-wrist" not in usgra
+    assert router.startswith("python ") and router.endswith(
+        f"anatomy_router.py --route wrist /data/mn-wrist --route nerves /data/usgra-seg --out {final}/router")
+    assert ensemble == (f"ensemble {final}/effunet_wrist {final}/effunet_usgra --names wrist,nerves "
+                        f"--route-by {final}/router --out {final}/routed")
+    assert phase() == []  # everything made: nothing is trained, fitted or assembled again
+
+
 def test_wrist_seed_pair_trains_a_second_seed_on_the_same_split_and_scores_the_pair_on_its_fold(tmp_path):
     def phase(name, **env):
         result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), name],
