@@ -180,18 +180,29 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
     assert config.router == "router" and config.members == ["a", "b"]
     assert sorted(p.name for p in (model / "router").iterdir()) == ["router.json", "router.safetensors"]
     alone = {name: Predictor.from_run(run, device="cpu") for name, run in (("a", run_a), ("b", run_b))}
-    for loader in (lambda p: Predictor.from_run(p, device="cpu"), OnnxPredictor.from_run, load_predictor):
+    expected = {}
+    for tta in (False, True):
+        for name, predictor in alone.items():
+            predictor.tta = tta
+            expected[name, tta] = predictor.predict_many([bright, striped])
+    # the two members are different functions, so taking the other one would show
+    assert np.abs(expected["a", False][1] - expected["b", False][1]).max() > 1e-3
+    for loader, member_type in ((lambda p: Predictor.from_run(p, device="cpu"), Predictor),
+                                (load_predictor, OnnxPredictor)):
         routed = loader(model)
-        assert isinstance(routed, RoutedPredictor)
+        assert isinstance(routed, RoutedPredictor) and all(type(m) is member_type for m in routed.members)
         for tta in (False, True):
             routed.tta = tta
             out = routed.predict_many([striped, bright, striped])
             assert routed.last_routes == ["b", "a", "b"]
-            for prob, image, name in zip(out, [striped, bright, striped], "bab"):
-                alone[name].tta = tta
-                expected = alone[name].predict(image)
-                assert np.abs(expected - alone["a" if name == "b" else "b"].predict(image)).max() > 1e-3
-                np.testing.assert_allclose(prob, expected, atol=2e-4)
+            for prob, name in zip(out, "bab"):
+                np.testing.assert_allclose(prob, expected[name, tta][0 if name == "a" else 1], atol=2e-4)
+    # the web page's model summary says it is routed, and by which routes (not "an ensemble of 2")
+    from nerveseg.web.model_slot import model_info
+
+    info = model_info(model, routed, shipped=False)
+    assert info["routes"] == ["a", "b"] and info["members"] == 2
+    assert model_info(run_a, alone["a"], shipped=False)["routes"] == []
     # routes must be the members, in order; a tampered router folder is refused when loading
     assert main(["ensemble", str(run_a), str(run_b), "--names", "b,a", "--route-by", str(tmp_path / "router"),
                  "--out", str(tmp_path / "bad")]) == 2

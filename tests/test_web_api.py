@@ -161,6 +161,7 @@ def test_model_info_health_and_offline_pages(real):
 
     shipped = RunConfig.load(pretrained_dir() / "config.json")
     assert m["threshold"] == shipped.inference.threshold and m["members"] == (len(shipped.members) or 1)
+    assert m["routes"] == (shipped.members if shipped.router else [])  # a routed model names its routes
     assert m["low_confidence"] == shipped.inference.low_confidence
     # an upload that names no threshold is cut where the model's config says; one that does, there
     buf = io.BytesIO()

@@ -66,6 +66,8 @@ def model_info(run_dir: Path, predictor, shipped: bool) -> dict:
         "classes": list(getattr(predictor, "class_names", None) or ["nerve"]),
         "input_size": config.preprocess.size,
         "members": len(config.members) or 1,  # an ensemble averages this many models
+        # a routed model sends each image to one of these (one model per anatomy), it does not average them
+        "routes": list(getattr(predictor, "route_names", None) or []),
         "threshold": config.inference.threshold,  # the page's default probability cut
         "low_confidence": config.inference.low_confidence,  # the QC flag's cut, chosen with the model
         "backend": type(predictor).__name__ + (" (native SAConv)" if getattr(predictor, "native_ops", False) else ""),

@@ -841,7 +841,7 @@ async function loadModel() {
   try {
     const m = await apiJSON("/api/model");
     $("model-summary").textContent = `${m.architecture}, ${m.parameters ? m.parameters.toLocaleString() + " parameters" : ""}, ` +
-      `${m.classes.join(" + ")}, ${m.input_size} px` + (m.members > 1 ? `, ensemble of ${m.members}` : "") + (m.shipped ? " (shipped model)" : " (" + m.in_use.split("/").pop() + ")");
+      `${m.classes.join(" + ")}, ${m.input_size} px` + (m.routes && m.routes.length ? `, one model per anatomy (${m.routes.join(", ")}), chosen per image` : m.members > 1 ? `, ensemble of ${m.members}` : "") + (m.shipped ? " (shipped model)" : " (" + m.in_use.split("/").pop() + ")");
     const card = $("model-card");
     card.replaceChildren();
     const dl = document.createElement("dl");
