@@ -74,6 +74,9 @@ def main() -> None:
     ap.add_argument("--fractions", type=lambda t: tuple(float(x) for x in t.split(",")), default=FRACTIONS,
                     help="region-removal fractions to try, e.g. 0 for thresholds only (what a model's config.json "
                          f"can carry); default {','.join(map(str, FRACTIONS))}")
+    ap.add_argument("--thresholds", type=lambda t: tuple(round(float(x), 4) for x in t.split(",")), default=THRESHOLDS,
+                    help="probability cuts to try (must include 0.5, the reference); default "
+                         f"{','.join(map(str, THRESHOLDS))}")
     ap.add_argument("--max-zero-overlap", type=float, default=None,
                     help="choose only among rules whose complete-miss rate on the other folds is at most this "
                          "(e.g. 0.025, the issue's target); default: best Dice alone")
@@ -81,9 +84,9 @@ def main() -> None:
 
     folds = folds_of_every_run(args.runs)
     by_stem = samples_by_stem(args.data)
-    candidates = list(itertools.product(THRESHOLDS, args.fractions))
+    candidates = list(itertools.product(args.thresholds, args.fractions))
     if (0.5, 0.0) not in candidates:
-        sys.exit("--fractions must include 0 (the plain rule is the reference)")
+        sys.exit("--thresholds must include 0.5 and --fractions 0 (the plain rule is the reference)")
     scores: dict[str, np.ndarray] = {}  # stem -> (n_candidates, 2): dice, miss
     fold_of: dict[str, int] = {}
     for k in folds:

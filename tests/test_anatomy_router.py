@@ -5,6 +5,7 @@ it is cross-validated by subject and saved as safetensors that load back to the 
 from __future__ import annotations
 
 import importlib.util
+import json
 
 import numpy as np
 import pytest
@@ -160,7 +161,7 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
     from nerveseg.cli.main import main
     from nerveseg.config import RunConfig
     from nerveseg.inference.onnx_backend import OnnxPredictor, load_predictor
-    from nerveseg.inference.predictor import Predictor, RoutedPredictor
+    from nerveseg.inference.predictor import Predictor, RoutedPredictor, rescale_to_cut
     from nerveseg.training.router import RouterFit, save_router
 
     rng = np.random.default_rng(5)
@@ -172,6 +173,9 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
     save_router(router, RouterFit(routes=["a", "b"], size=32, images_per_route={"a": 1, "b": 1}, folds=2),
                 tmp_path / "router")
     run_a, run_b = _member_run(tmp_path / "ra", 1), _member_run(tmp_path / "rb", 2)
+    config_b = RunConfig.load(run_b / "config.json")
+    config_b.inference.threshold = 0.7  # b's own cut, as chosen for its anatomy
+    (run_b / "config.json").write_text(json.dumps(config_b.to_dict()))
     model = tmp_path / "routed"
     assert main(["ensemble", str(run_a), str(run_b), "--names", "a,b", "--route-by", str(tmp_path / "router"),
                  "--out", str(model)]) == 0
@@ -196,7 +200,11 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
             out = routed.predict_many([striped, bright, striped])
             assert routed.last_routes == ["b", "a", "b"]
             for prob, name in zip(out, "bab"):
-                np.testing.assert_allclose(prob, expected[name, tta][0 if name == "a" else 1], atol=2e-4)
+                own = expected[name, tta][0 if name == "a" else 1]
+                # a's cut is the routed model's (0.5): its probabilities as they are; b's 0.7 is moved onto 0.5
+                want = own if name == "a" else rescale_to_cut(own, 0.7, 0.5)
+                np.testing.assert_allclose(prob, want, atol=2e-4)
+                assert name == "a" or np.array_equal(prob >= 0.5, own >= 0.7) or np.abs(own - 0.7).min() < 1e-3
     # the web page's model summary says it is routed, and by which routes (not "an ensemble of 2")
     from nerveseg.web.model_slot import model_info
 
@@ -211,3 +219,18 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
     (model / "router" / "router.json").write_text(info)
     with pytest.raises(InputError, match="are not the model's members"):
         Predictor.from_run(model, device="cpu")
+
+
+def test_rescale_to_cut_moves_a_members_cut_onto_the_models_by_hand():
+    from nerveseg.inference.predictor import rescale_to_cut
+
+    p = np.array([0.0, 0.35, 0.7, 0.85, 1.0], np.float32)
+    # through (0, 0), (0.7, 0.5), (1, 1): 0.35 -> 0.25, 0.85 -> 0.75
+    np.testing.assert_allclose(rescale_to_cut(p, 0.7, 0.5), [0.0, 0.25, 0.5, 0.75, 1.0], atol=1e-6)
+    np.testing.assert_allclose(rescale_to_cut(p, 0.25, 0.5), [0.0, 0.5 + 0.1 / 0.75 * 0.5, 0.8, 0.9, 1.0], atol=1e-6)
+    assert rescale_to_cut(p, 0.5, 0.5) is p
+    q = np.random.default_rng(0).random((50, 60)).astype(np.float32)
+    for member_cut in (0.3, 0.5, 0.75):
+        mapped = rescale_to_cut(q, member_cut, 0.5)
+        assert mapped.dtype == np.float32 and np.array_equal(mapped >= 0.5, q >= member_cut)
+        assert np.array_equal(np.argsort(mapped, axis=None, kind="stable"), np.argsort(q, axis=None, kind="stable"))

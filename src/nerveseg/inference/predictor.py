@@ -189,17 +189,34 @@ def _load_folder_router(run_dir: Path, config: RunConfig):
         raise InputError(run_dir / "config.json", f"router {config.router!r} lies outside the model folder",
                          "the router is a sub-folder of the model folder")
     router, info = load_router(folder)
+    if int(info.get("size", config.preprocess.size)) != config.preprocess.size:
+        raise InputError(folder / "router.json", f"the router was fitted on {info['size']}-px inputs, the model reads "
+                         f"{config.preprocess.size} px", "fit the router again with --size equal to the model's input size")
     if list(info["routes"]) != list(config.members):
         raise InputError(folder / "router.json", f"routes {info['routes']} are not the model's members {config.members}",
                          "assemble the model again with `nerveseg ensemble --route-by ROUTER --names ROUTES...`")
     return router
 
 
+def rescale_to_cut(prob: np.ndarray, member_cut: float, cut: float) -> np.ndarray:
+    """Map probabilities so that ``member_cut`` lands on ``cut``: piecewise linear through (0, 0),
+    (member_cut, cut) and (1, 1). Monotone, so it keeps every ranking (ROC AUC) and
+    ``prob >= member_cut`` is exactly ``mapped >= cut``."""
+    if member_cut == cut:
+        return prob
+    low = prob * (cut / member_cut)
+    high = cut + (prob - member_cut) * ((1.0 - cut) / (1.0 - member_cut))
+    return np.where(prob < member_cut, low, high).astype(prob.dtype, copy=False)
+
+
 class RoutedPredictor(ProbabilityPredictor):
     """One model per anatomy: each image goes to the one member its router names (``AnatomyRouter`` on
-    the same letterboxed input), so no user says which anatomy an image shows. Routes are decided once
-    per image (the mirrored input of test-time augmentation follows its image); ``last_routes`` holds
-    the route of every image of the last call, in order, for reports."""
+    the image letterboxed and standardised as the networks read it), so no user says which anatomy an
+    image shows. Each member then predicts the image whole (its own letterbox, test-time mirror and
+    region removal), and its probabilities are rescaled so that its own cut
+    (``member.config.inference.threshold``, chosen on cross-validation for that anatomy) falls on the
+    routed model's cut: one threshold serves every route. ``last_routes`` holds the route of every image
+    of the last call, in order, for reports."""
 
     def __init__(self, members: Sequence[ProbabilityPredictor], router: torch.nn.Module, config: RunConfig,
                  tta: bool | None = None):
@@ -207,38 +224,54 @@ class RoutedPredictor(ProbabilityPredictor):
         if len(members) != len(router.routes):
             raise ConfigError(f"{len(members)} members for the router's {len(router.routes)} routes")
         for m in members:
-            if m.size != self.size or m.class_names != self.class_names:
-                raise ConfigError(f"routed members differ: input size {m.size} vs {self.size}, "
-                                  f"classes {m.class_names} vs {self.class_names}")
+            if m.class_names != self.class_names:
+                raise ConfigError(f"routed members differ in their classes: {m.class_names} vs {self.class_names}")
         self.members = list(members)
         self.router = router.eval()
         self.route_names = list(router.routes)
         self.last_routes: list[str] = []
 
-    def route(self, x: torch.Tensor) -> torch.Tensor:
-        """(B,) member index of each standardised network input."""
-        return self.router(x.float().cpu()).argmax(dim=1)
+    def route_many(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[int]:
+        """The member index of each image."""
+        routes: list[int] = []
+        for start in range(0, len(images), batch_size):
+            x = torch.cat([to_network_input(img, self.size)[0] for img in images[start : start + batch_size]])
+            routes += [int(i) for i in self.router(x).argmax(dim=1)]
+        return routes
 
-    def _routed(self, x: torch.Tensor, run) -> torch.Tensor:
-        routes = self.route(x)
+    @torch.inference_mode()
+    def predict_classes_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        images = list(images)
+        routes = self.route_many(images, batch_size)
+        results: list[np.ndarray | None] = [None] * len(images)
+        cut = float(self.config.inference.threshold)
+        for index, member in enumerate(self.members):
+            chosen = [i for i, r in enumerate(routes) if r == index]
+            if not chosen:
+                continue
+            member.tta = self.tta
+            member_cut = float(member.config.inference.threshold)
+            for i, prob in zip(chosen, member.predict_classes_many([images[i] for i in chosen], batch_size)):
+                results[i] = rescale_to_cut(prob, member_cut, cut)
+        self.last_routes = [self.route_names[r] for r in routes]
+        return results
+
+    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) inputs -> each one's member's probabilities at the network's resolution, rescaled
+        to the routed cut (what a latency benchmark times; predictions go through predict_classes_many)."""
+        routes = self.router(x.float().cpu()).argmax(dim=1)
         self.last_routes = [self.route_names[int(i)] for i in routes]
         out = None
-        for index in range(len(self.members)):
+        cut = float(self.config.inference.threshold)
+        for index, member in enumerate(self.members):
             chosen = torch.nonzero(routes == index).flatten()
             if len(chosen) == 0:
                 continue
-            prob = run(index, chosen)
+            prob = member.network_probabilities(x[chosen])
+            prob = torch.as_tensor(rescale_to_cut(prob.numpy(), float(member.config.inference.threshold), cut))
             if out is None:
                 out = torch.zeros((len(x),) + tuple(prob.shape[1:]), dtype=prob.dtype)
             out[chosen] = prob
         return out
-
-    def network_probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        return self._routed(x, lambda i, chosen: self.members[i].network_probabilities(x[chosen]))
-
-    def _batch_probabilities(self, x: torch.Tensor, boxes) -> torch.Tensor:
-        def run(i, chosen):
-            member = self.members[i]
-            member.tta = self.tta  # the member mirrors its own images, after they were routed
-            return member._batch_probabilities(x[chosen], [boxes[int(j)] for j in chosen])
-        return self._routed(x, run)
