@@ -30,6 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     apply_rule,
+    area_agreement_px,
     dice,
     dice_summary,
     fold_probabilities,
@@ -87,7 +88,8 @@ def main() -> None:
     candidates = list(itertools.product(args.thresholds, args.fractions))
     if (0.5, 0.0) not in candidates:
         sys.exit("--thresholds must include 0.5 and --fractions 0 (the plain rule is the reference)")
-    scores: dict[str, np.ndarray] = {}  # stem -> (n_candidates, 2): dice, miss
+    scores: dict[str, np.ndarray] = {}  # stem -> (n_candidates, 3): dice, miss, predicted nerve area (px)
+    truth_area: dict[str, int] = {}
     fold_of: dict[str, int] = {}
     for k in folds:
         per_run = [fold_probabilities(run / f"fold_{k}", by_stem) for run in args.runs]
@@ -95,7 +97,9 @@ def main() -> None:
             prob = mean_probability([p[stem] for p in per_run])
             # the probabilities lie on the image's grid: its shape checks the mask without decoding the image again
             truth = nerve_truth(by_stem[stem], prob.shape)
-            scores[stem] = np.array([dice(apply_rule(prob, t, f), truth) for t, f in candidates], dtype=float)
+            masks = [apply_rule(prob, t, f) for t, f in candidates]
+            scores[stem] = np.array([(*dice(m, truth), np.count_nonzero(m)) for m in masks], dtype=float)
+            truth_area[stem] = int(np.count_nonzero(truth))
             fold_of[stem] = k
         if len(args.runs) == 1:  # the plain rule must agree with `nerveseg evaluate`'s own figures
             reference = {stem: float(r["dice"]) for stem, r in load_per_image(args.runs[0] / f"fold_{k}" / "eval" / "per_image.csv").items()}
@@ -106,13 +110,13 @@ def main() -> None:
 
     stems = sorted(scores)
     plain = candidates.index((0.5, 0.0))
-    chosen_dice, chosen_miss, per_fold = {}, {}, {}
+    chosen_dice, chosen_miss, chosen_area, per_fold = {}, {}, {}, {}
     for k in folds:
         inner = [s for s in stems if fold_of[s] != k]
         outer = [s for s in stems if fold_of[s] == k]
         best = choose([scores[s] for s in inner], args.max_zero_overlap) if inner else plain
         for s in outer:
-            chosen_dice[s], chosen_miss[s] = scores[s][best]
+            chosen_dice[s], chosen_miss[s], chosen_area[s] = scores[s][best]
         per_fold[k] = {"threshold": candidates[best][0], "min_region_fraction": candidates[best][1],
                        "n": len(outer), "plain_dice": float(np.mean([scores[s][plain, 0] for s in outer])),
                        "chosen_dice": float(np.mean([chosen_dice[s] for s in outer]))}
@@ -125,6 +129,9 @@ def main() -> None:
         "plain": _without_n(dice_summary(a, sum(scores[s][plain, 1] for s in stems))),
         "nested": _without_n(dice_summary(b, sum(chosen_miss[s] for s in stems))),
         "nested_vs_plain": paired(b, a),
+        # what a clinician reads off: the nerve area against the expert's, under each rule (px)
+        "plain_area": area_agreement_px([{"area_pred_px": scores[s][plain, 2], "area_truth_px": truth_area[s]} for s in stems]),
+        "nested_area": area_agreement_px([{"area_pred_px": chosen_area[s], "area_truth_px": truth_area[s]} for s in stems]),
         "per_fold": per_fold,
         # the rule to ship: the same choice made on every fold's images (its figure is optimistic; "nested" is not)
         "rule_on_all_folds": dict(zip(("threshold", "min_region_fraction"),
@@ -135,13 +142,14 @@ def main() -> None:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "summary.json", summary)
-    lines = ["| rule | n | nerve Dice (mean ± SD) | median | zero-overlap |", "| --- | ---: | --- | ---: | ---: |"]
+    lines = ["| rule | n | nerve Dice (mean ± SD) | median | zero-overlap | median area error | area bias (px) |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     chosen_label = "chosen on the other folds" + (
         f" (best Dice with at most {100 * args.max_zero_overlap:.1f}% misses)" if args.max_zero_overlap is not None else " (best Dice)")
     for name, label in (("plain", "threshold 0.5, keep all regions"), ("nested", chosen_label)):
-        d = summary[name]
+        d, area = summary[name], summary[f"{name}_area"]
         lines.append(f"| {label} | {len(stems)} | {mean_sd(d)} | {d['dice_median']:.3f} | "
-                     f"{d['zero_overlap']}/{len(stems)} |")
+                     f"{d['zero_overlap']}/{len(stems)} | {area['median_ape_percent']:.1f}% | {area['bland_altman']['bias']:+.0f} |")
     t = summary["nested_vs_plain"]
     lines += ["", f"- chosen minus plain, paired per image: mean {t['mean_difference']:+.3f}, median "
               f"{t['median_difference']:+.3f}, Wilcoxon p = {t['p']:.2g} (n = {len(stems)})",
