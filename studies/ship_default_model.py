@@ -40,15 +40,22 @@ def portable(config: RunConfig, tta: bool | None, keep_largest: tuple[str, ...] 
     return config
 
 
-def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None, low_confidence=None) -> None:
+def ship_run(run: Path, dest: Path, tta=None, keep_largest=None, threshold=None, low_confidence=None,
+             member_thresholds: dict[str, float] | None = None) -> None:
+    """Copy ``run`` (a run, an ensemble or a routed model) into ``dest`` with a portable config and
+    an ONNX graph per network; ``member_thresholds`` sets members' own cuts (a routed model moves each
+    member's cut onto its own, RoutedPredictor)."""
     dest.mkdir(parents=True, exist_ok=True)
     config = portable(RunConfig.load(run / "config.json"), tta, keep_largest, threshold, low_confidence)
     atomic_write_json(dest / "config.json", config.to_dict())
+    unknown = sorted(set(member_thresholds or {}) - set(config.members))
+    if unknown:
+        raise SystemExit(f"--member-threshold names {unknown}, which are not members of {run} ({config.members})")
     if config.router:  # a routed model: its router (weights and routes, no path) goes with it
         shutil.copytree(run / config.router, dest / config.router)
     if config.members:
         for member in config.members:
-            ship_run(run / member, dest / member)
+            ship_run(run / member, dest / member, threshold=(member_thresholds or {}).get(member))
         return
     shutil.copyfile(run / "model.safetensors", dest / "model.safetensors")
     export_onnx(load_torch_model(dest, config), dest / "model.onnx", 18, config=config,
@@ -108,6 +115,8 @@ def main() -> None:
     parser.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None)
     parser.add_argument("--keep-largest", default=None, help="comma list of class names; '' for none")
     parser.add_argument("--threshold", type=float, default=None, help="the probability cut chosen on cross-validation")
+    parser.add_argument("--member-threshold", action="append", default=[], metavar="NAME=CUT",
+                        help="a member's own probability cut (a routed model's member, chosen by nested CV for its anatomy)")
     parser.add_argument("--low-confidence", type=float, default=None,
                         help="the low_confidence QC flag's cut chosen on cross-validation (studies/qc_flags_cv.py)")
     parser.add_argument("--cv-metrics", default=None, help="metrics.json of `evaluate --subset cv`: writes model_card.json")
@@ -117,7 +126,14 @@ def main() -> None:
     if dest.exists():
         shutil.rmtree(dest)
     keep = None if args.keep_largest is None else tuple(c for c in args.keep_largest.split(",") if c)
-    ship_run(Path(args.run), dest, args.tta, keep, args.threshold, args.low_confidence)
+    member_thresholds = {}
+    for item in args.member_threshold:
+        name, _, cut = item.partition("=")
+        try:
+            member_thresholds[name] = float(cut)
+        except ValueError:
+            parser.error(f"--member-threshold {item!r}: give NAME=CUT, e.g. wrist=0.75")
+    ship_run(Path(args.run), dest, args.tta, keep, args.threshold, args.low_confidence, member_thresholds)
     if args.cv_metrics:
         config = RunConfig.load(dest / "config.json")
         # fold models (each held images out) or models trained on every image (seeds of one recipe)

@@ -14,7 +14,8 @@
 #            folder, the anatomy router fitted on both folders (studies/anatomy_router.py, its patient-grouped
 #            accuracy in RUNS/final/router/router.json), and the two assembled as one routed model
 #            (`nerveseg ensemble --route-by`: each image goes to the model its router names) in RUNS/final/routed;
-#            ship it with SHIP_RUN=RUNS/final/routed
+#            ship it with SHIP_RUN=RUNS/final/routed MEMBER_THRESHOLDS="wrist=0.75" (each member's cut, chosen by
+#            nested CV: studies/postprocess_cv.py on its fold runs)
 #   ship     copy the final run (or SHIP_RUN) into src/nerveseg/pretrained/ with its ONNX graph and model card
 # Arms (all --recipe nerveseg: Dice + BCE, poly schedule, shear/hflip/gamma/contrast, last epoch):
 #   effunet_both   efficientnet_unet (ImageNet EfficientNet-Lite0 encoder), both folders, 30 epochs
@@ -118,10 +119,11 @@ case "${1:-}" in
   ship)
     # SHIP_RUN: the run to ship (default the final all-data run; stop 21 shipped the fold-0 run,
     # SHIP_RUN=runs/wrist/screen/effunet_both_f0, with its held-out figures as CARD_VALIDATION)
-    python studies/ship_default_model.py "${SHIP_RUN:-$RUNS/final/effunet_both}" --name nerveseg_nerves --no-tta --keep-largest '' \
+    "${PYTHON:-python}" "$(dirname "$0")/ship_default_model.py" "${SHIP_RUN:-$RUNS/final/effunet_both}" --name nerveseg_nerves --no-tta --keep-largest '' \
       --threshold 0.5 --low-confidence "${LOW_CONFIDENCE:-0.7}" ${CV_METRICS:+--cv-metrics "$CV_METRICS"} \
-      ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"}
+      ${CARD_VALIDATION:+--card-validation "$CARD_VALIDATION"} \
+      $(for m in ${MEMBER_THRESHOLDS:-}; do printf -- '--member-threshold %s ' "$m"; done)
     ;;
   *)
-    sed -n '2,36p' "$0"; exit 2 ;;
+    sed -n '2,37p' "$0"; exit 2 ;;
 esac

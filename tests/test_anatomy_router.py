@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -205,6 +206,21 @@ def test_routed_model_sends_each_image_to_one_member_on_every_backend(tmp_path, 
                 want = own if name == "a" else rescale_to_cut(own, 0.7, 0.5)
                 np.testing.assert_allclose(prob, want, atol=2e-4)
                 assert name == "a" or np.array_equal(prob >= 0.5, own >= 0.7) or np.abs(own - 0.7).min() < 1e-3
+    # `segment` writes which model drew each image into measurements.csv
+    import csv
+
+    from nerveseg.inference.segment import segment_files
+
+    inputs = []
+    for name, image in (("striped", striped), ("bright", bright)):
+        path = tmp_path / f"{name}.png"
+        Image.fromarray((image * 255).astype(np.uint8)).save(path)
+        inputs.append(path)
+    routed = Predictor.from_run(model, device="cpu")
+    segment_files(inputs, routed, tmp_path / "seg", log=lambda *a: None)
+    with open(tmp_path / "seg" / "measurements.csv", newline="") as f:
+        table = {Path(r["file"]).stem: r["model_route"] for r in csv.DictReader(f)}
+    assert table == {"striped": "b", "bright": "a"}
     # the web page's model summary says it is routed, and by which routes (not "an ensemble of 2")
     from nerveseg.web.model_slot import model_info
 
@@ -234,3 +250,31 @@ def test_rescale_to_cut_moves_a_members_cut_onto_the_models_by_hand():
         mapped = rescale_to_cut(q, member_cut, 0.5)
         assert mapped.dtype == np.float32 and np.array_equal(mapped >= 0.5, q >= member_cut)
         assert np.array_equal(np.argsort(mapped, axis=None, kind="stable"), np.argsort(q, axis=None, kind="stable"))
+
+
+def test_shipping_a_routed_model_carries_its_router_and_each_members_cut(tmp_path):
+    import importlib.util as iu
+
+    from nerveseg.config import RunConfig
+    from nerveseg.inference.predictor import Predictor, RoutedPredictor
+    from nerveseg.training.router import RouterFit, save_router
+    from nerveseg.training.trainer import assemble_ensemble
+
+    spec = iu.spec_from_file_location("ship_default_model", Path(__file__).resolve().parents[1] / "studies" / "ship_default_model.py")
+    ship = iu.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    rng = np.random.default_rng(2)
+    router = _router_between([rng.random((30, 40)).astype(np.float32), np.zeros((30, 40), np.float32)], 32)
+    save_router(router, RouterFit(routes=["a", "b"], size=32, images_per_route={"a": 1, "b": 1}, folds=2), tmp_path / "router")
+    model = assemble_ensemble([_member_run(tmp_path / "ra", 1), _member_run(tmp_path / "rb", 2)], tmp_path / "routed",
+                              ["a", "b"], router=tmp_path / "router")
+    with pytest.raises(SystemExit, match="not members"):
+        ship.ship_run(model, tmp_path / "bad", member_thresholds={"c": 0.7})
+    dest = tmp_path / "shipped"
+    ship.ship_run(model, dest, threshold=0.5, member_thresholds={"b": 0.75})
+    assert sorted(p.name for p in (dest / "router").iterdir()) == ["router.json", "router.safetensors"]
+    assert RunConfig.load(dest / "a" / "config.json").inference.threshold == 0.5
+    assert RunConfig.load(dest / "b" / "config.json").inference.threshold == 0.75
+    assert all((dest / m / "model.onnx").is_file() for m in ("a", "b"))
+    assert RunConfig.load(dest / "config.json").data.data_dir == ""  # no path of this machine
+    assert isinstance(Predictor.from_run(dest, device="cpu"), RoutedPredictor)

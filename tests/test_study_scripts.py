@@ -601,6 +601,13 @@ def test_routed_final_trains_one_model_per_folder_fits_the_router_and_assembles_
     assert ensemble == (f"ensemble {final}/effunet_wrist {final}/effunet_usgra --names wrist,nerves "
                         f"--route-by {final}/router --out {final}/routed")
     assert phase() == []  # everything made: nothing is trained, fitted or assembled again
+    result, calls = _run_driver(tmp_path, FAKE_TRAIN_EVALUATE, [str(STUDIES / "wrist_study.sh"), "ship"],
+                                SHARED="/data", RUNS=str(tmp_path / "runs"), PYTHON=str(fake_python),
+                                SHIP_RUN=f"{final}/routed", MEMBER_THRESHOLDS="wrist=0.75 nerves=0.5")
+    assert result.returncode == 0, result.stderr
+    (ship,) = calls
+    assert f"ship_default_model.py {final}/routed --name nerveseg_nerves" in ship
+    assert ship.endswith("--member-threshold wrist=0.75 --member-threshold nerves=0.5")
 
 
 def test_wrist_seed_pair_trains_a_second_seed_on_the_same_split_and_scores_the_pair_on_its_fold(tmp_path):

@@ -217,7 +217,10 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
     other_names = list(getattr(predictor, "class_names", ["nerve"]))[1:]
     try:
         for chunk in _chunks(frames, options.batch_size):
-            for image, probs in zip(chunk, _class_probabilities(predictor, chunk, options.batch_size)):
+            chunk_probs = _class_probabilities(predictor, chunk, options.batch_size)
+            # a routed model (one model per anatomy) says which of its models drew each frame
+            routes = list(getattr(predictor, "last_routes", None) or []) if hasattr(predictor, "route_names") else []
+            for position, (image, probs) in enumerate(zip(chunk, chunk_probs)):
                 if options.temporal_smoothing and previous is not None and previous.shape == probs.shape:
                     probs = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * probs
                 previous = probs
@@ -238,6 +241,9 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
                     values = _class_values(name, other, frame_spacing)
                     for row in frame_rows:
                         row.update(values)
+                if routes:
+                    for row in frame_rows:
+                        row["model_route"] = routes[position]
                 rows.extend(frame_rows)
                 overlay = make_overlay(image, mask, others=others)
                 if multi:
