@@ -67,6 +67,7 @@ def test_recipe_paper_reproduces_the_config_of_before(tmp_path):
                                                            "low_confidence": 0.7}
         assert d.pop("recipe") == "paper"
         assert d.pop("test_stems") == []  # issue 23: filled only under data.fold_val_fraction
+        assert d.pop("router") == ""  # issue 22: set only in a routed model's folder
         assert d == PAPER_CONFIG_BEFORE
 
 
