@@ -193,6 +193,38 @@ def test_member_sets_refuses_an_unfinished_fold(tmp_path, monkeypatch):
         member_sets.main()
 
 
+def test_qc_flags_of_a_routed_model_pool_the_routes_at_their_own_cuts(tmp_path, monkeypatch):
+    """Two routes on two folders: A says 0.9 on its nerves and is cut at 0.85, B says 0.6 and is cut at
+    0.3. Moved onto 0.5 as RoutedPredictor moves them, A's outlines have confidence
+    0.5 + 0.05 * 0.5 / 0.15 = 0.667 and B's 0.5 + 0.3 * 0.5 / 0.7 = 0.714: at a low_confidence cut of 0.7 A's
+    six images are flagged and B's four are not (raw, it would be the other way round)."""
+    from conftest import write_ellipse_dataset
+
+    qc = _script("qc_flags_cv")
+    data_a = write_ellipse_dataset(tmp_path / "a_data", 6)
+    data_b = write_ellipse_dataset(tmp_path / "b_data", 4, seed=1)
+    for folder in ("images", "masks"):  # stems must be unique across the folders
+        for f in sorted((data_b / folder).glob("*.png")):
+            f.rename(f.with_name(f"b{f.name}"))
+    _fake_fold_runs(tmp_path / "a", data_a, lambda t: (0.9 * t).astype(np.float16))
+    _fake_fold_runs(tmp_path / "b", data_b, lambda t: (0.6 * t).astype(np.float16))
+    out = tmp_path / "qc.json"
+    argv = ["qc_flags_cv.py", str(tmp_path / "a"), str(tmp_path / "b"), "--data", str(data_a), "--data", str(data_b),
+            "--low-confidence", "0.7", "--out", str(out)]
+    monkeypatch.setattr("sys.argv", [*argv, "--routes", "--member-cut", "0.85", "--member-cut", "0.3"])
+    qc.main()
+    result = json.loads(out.read_text())
+    flags = {r["flag"]: r for r in result["flags"]}
+    assert result["n"] == 10 and result["failures"] == 0 and result["member_cuts"] == [0.85, 0.3]
+    assert flags["low_confidence"]["flagged"] == 6 and flags["no_nerve"]["flagged"] == 0
+    monkeypatch.setattr("sys.argv", [*argv, "--routes", "--member-cut", "0.85"])
+    with pytest.raises(SystemExit):  # one cut per route
+        qc.main()
+    monkeypatch.setattr("sys.argv", [*argv, "--member-cut", "0.85", "--member-cut", "0.3"])
+    with pytest.raises(SystemExit):  # cuts without --routes would be ignored silently
+        qc.main()
+
+
 # ------------------------------------------------------------------------------------------------
 # accuracy_study.sh: what a phase asks nerveseg to do, with a stand-in nerveseg on PATH
 
