@@ -68,6 +68,9 @@ DATA_BOTH = (DATA_USGRA + "; mn-wrist images from the DL-UNet project (SasageyoO
 LIMITS_BOTH = ("trained on plexus, elbow, femoral and sciatic nerves (one machine) and the median nerve at the carpal tunnel "
                "inlet (one wrist data set, machine unknown); not on the forearm, other machines, children or pathology; "
                "check every outline")
+LIMITS_ROUTED = ("; an anatomy router sends each image to the wrist model or the regional-anaesthesia model, and was "
+                 "fitted and tested on these two data sets only: an image from another machine may go to the wrong "
+                 "model (the route is named in measurements.csv and on the page)")
 
 
 def model_card(cv_metrics: Path, config: RunConfig, cv_folds: int | None = None, members_held_out: bool = False,
@@ -141,8 +144,9 @@ def main() -> None:
         atomic_write_json(dest / "model_card.json", model_card(Path(args.cv_metrics), config, args.cv_folds, held_out,
                                                                name=args.name))
     elif args.card_validation:
+        routed = bool(RunConfig.load(dest / "config.json").router)
         atomic_write_json(dest / "model_card.json", {"name": args.name, "data": DATA_BOTH, "validation": args.card_validation,
-                                                     "limits": LIMITS_BOTH,
+                                                     "limits": LIMITS_BOTH + (LIMITS_ROUTED if routed else ""),
                                                      "use": "Not a medical device. Research and decision support only."})
     for path in sorted(dest.rglob("*")):
         if path.is_file():

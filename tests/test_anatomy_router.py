@@ -278,3 +278,28 @@ def test_shipping_a_routed_model_carries_its_router_and_each_members_cut(tmp_pat
     assert all((dest / m / "model.onnx").is_file() for m in ("a", "b"))
     assert RunConfig.load(dest / "config.json").data.data_dir == ""  # no path of this machine
     assert isinstance(Predictor.from_run(dest, device="cpu"), RoutedPredictor)
+
+
+def test_the_card_of_a_shipped_routed_model_says_what_the_router_was_tested_on(tmp_path, monkeypatch):
+    import importlib.util as iu
+    import json
+
+    from nerveseg.training.router import RouterFit, save_router
+    from nerveseg.training.trainer import assemble_ensemble
+
+    spec = iu.spec_from_file_location("ship_default_model", Path(__file__).resolve().parents[1] / "studies" / "ship_default_model.py")
+    ship = iu.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    monkeypatch.setattr(ship, "PACKAGE", tmp_path / "package")
+    rng = np.random.default_rng(3)
+    router = _router_between([rng.random((30, 40)).astype(np.float32), np.zeros((30, 40), np.float32)], 32)
+    save_router(router, RouterFit(routes=["a", "b"], size=32, images_per_route={"a": 1, "b": 1}, folds=2), tmp_path / "router")
+    routed = assemble_ensemble([_member_run(tmp_path / "ra", 1), _member_run(tmp_path / "rb", 2)], tmp_path / "routed",
+                               ["a", "b"], router=tmp_path / "router")
+    single = _member_run(tmp_path / "rc", 3)
+    for run, name in ((routed, "routed"), (single, "single")):
+        monkeypatch.setattr("sys.argv", ["ship_default_model.py", str(run), "--name", name, "--card-validation", "CV text"])
+        ship.main()
+    cards = {n: json.loads((tmp_path / "package" / n / "model_card.json").read_text()) for n in ("routed", "single")}
+    assert cards["routed"]["validation"] == "CV text"
+    assert "router" in cards["routed"]["limits"] and "router" not in cards["single"]["limits"]
