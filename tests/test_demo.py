@@ -30,7 +30,7 @@ def test_demo_segments_every_example(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "nerveseg serve" in printed and str(out) in printed and "CC-BY 4.0" in printed
+    assert "nerveseg serve" in printed and str(out) in printed and "CC-BY 4.0" in printed and "GPL-3.0" in printed
     with open(out / "measurements.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     by_file = {}
@@ -43,6 +43,10 @@ def test_demo_segments_every_example(tmp_path, capsys):
     wrist = by_file["wrist_Pz002-001_calibrated.dcm"][0]
     assert float(wrist["area_mm2"]) == pytest.approx(int(wrist["area_px"]) * 0.065**2, rel=1e-3)
     assert all(int(r["area_px"]) > 0 for r in rows)  # the shipped model finds a nerve in every example
+    # the router sends the wrist frames to the wrist model and the rest to the regional-anaesthesia one
+    for name, mine in by_file.items():
+        assert {r["model_route"] for r in mine} == {"wrist" if name.startswith("wrist_") else "nerves"}, name
+    assert "wrist_Pz010-001.png: nerve CSA" in printed and "model route wrist" in printed
     for stem in ("usgra_0045", "usgra_0053", "usgra_0067"):
         assert (out / f"{stem}_mask.png").is_file() and (out / f"{stem}_overlay.png").is_file()
     assert (out / "usgra_0045_cine_overlay.mp4").is_file() and (out / "usgra_0045_cine_csa.png").is_file()

@@ -30,7 +30,10 @@ def test_shipped_model_is_complete_and_consistent():
     config = RunConfig.load(folder / "config.json")
     assert config.model.arch in ("sa_unet", "efficientnet_unet") and config.data.label == 1
     assert config.data.class_names[0] == "nerve"
+    # one network per anatomy and the router that picks one (docs/MODEL_CARD.md)
+    assert config.members == ["wrist", "nerves"] and config.router == "router"
     predictor = Predictor.from_run(folder, device="cpu")
+    assert predictor.route_names == ["wrist", "nerves"]
     for run, model in zip(_runs(folder), getattr(predictor, "members", [predictor])):
         # the architecture's own parameters, plus only the extra classes' head outputs and auxiliary heads
         member = RunConfig.load(run / "config.json")
@@ -74,12 +77,16 @@ def test_shipped_model_finds_nerves_in_real_images(real_data, tmp_path):
     samples, _ = discover_samples(real_data)
     predictor = Predictor.from_run(pretrained_dir(), device="cpu")
     dices = []
+    routes = []
     for sample in samples[::25]:
         image = read_image(sample.image_path)
         dices.append(image_metrics(predictor.predict(image), read_mask(sample.mask_path, label=1))["dice"])
+        routes += getattr(predictor, "last_routes", ["(not routed)"])
     assert np.mean(dices) > 0.6, dices
+    assert routes == ["nerves"] * len(dices), routes  # regional-anaesthesia images go to their own member
     meta = json.loads((pretrained_dir() / "config.json").read_text())
     # trained on every image of both data sets (docs/MODEL_CARD.md): 204 usgra-seg + 190 mn-wrist, none held out
+    # (a routed model's config holds the union of its members' training images)
     assert len(meta["train_stems"]) == 394 and meta["val_stems"] == []
     assert {s.stem for s in samples} <= set(meta["train_stems"])
 
@@ -109,8 +116,8 @@ def test_shipped_folder_may_be_an_ensemble_of_any_member_names(tmp_path):
 def test_shipped_model_finds_the_median_nerve_at_the_wrist():
     # issue 22: the model shipped before outlined the flexor tendons here (mean Dice 0.045). The shipped
     # weights saw every mn-wrist image, so this checks the wiring on the wrist (weights, letterbox of a
-    # 606x468 frame, label); how the recipe does on patients it never saw is the cross-validation in
-    # docs/MODEL_CARD.md (mn-wrist 0.891 and 0.892 over two repeats)
+    # 606x468 frame, label, and the router's choice of the wrist member); how the recipe does on patients it never
+    # saw is the cross-validation in docs/MODEL_CARD.md (mn-wrist 0.903)
     from conftest import REAL_DATA
 
     wrist = REAL_DATA.parent / "mn-wrist"
@@ -123,6 +130,9 @@ def test_shipped_model_finds_the_median_nerve_at_the_wrist():
     assert len(samples) == 190
     assert {s.stem for s in samples} <= set(json.loads((pretrained_dir() / "config.json").read_text())["train_stems"])
     predictor = Predictor.from_run(pretrained_dir(), device="cpu")
-    dices = [image_metrics(predictor.predict(read_image(s.image_path)), read_mask(s.mask_path, label=1))["dice"]
-             for s in samples[::19]]
+    dices, routes = [], []
+    for s in samples[::19]:
+        dices.append(image_metrics(predictor.predict(read_image(s.image_path)), read_mask(s.mask_path, label=1))["dice"])
+        routes += getattr(predictor, "last_routes", ["(not routed)"])
     assert np.mean(dices) > 0.8 and min(dices) > 0.3, dices
+    assert routes == ["wrist"] * len(dices), routes  # the router chose the wrist member for every one

@@ -85,19 +85,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     demo = run_demo(out, model_dir=args.model, backend=args.backend, log=lambda m: print(m, file=sys.stderr))
     rows = demo.result.rows
-    print(f"segmented {len(demo.inputs)} example files (usgra-seg dataset, T. M. K., CC-BY 4.0) with the model in "
-          f"{demo.model_dir}:")
+    print(f"segmented {len(demo.inputs)} example files (usgra-seg dataset, T. M. K., CC-BY 4.0; mn-wrist images from the "
+          f"DL-UNet project (SasageyoOrg/dl-unet), GPL-3.0) with the model in {demo.model_dir}:")
     for path in demo.inputs:
         mine = [r for r in rows if Path(r["file"]).name == path.name]
         if not mine:
             continue
         areas = [r["area_mm2"] if r["area_mm2"] != "" else r["area_px"] for r in mine]
         unit = "mm²" if mine[0]["area_mm2"] != "" else "px"
+        # a routed model names the member each file went to: the reader sees the wrist went to the wrist model
+        routes = sorted({r["model_route"] for r in mine if r.get("model_route")})
+        route = f", model route {'/'.join(routes)}" if routes else ""
         if len(mine) == 1:
-            print(f"  {path.name}: nerve CSA {areas[0]} {unit}, QC {mine[0]['qc_flags'] or 'ok'}")
+            print(f"  {path.name}: nerve CSA {areas[0]} {unit}, QC {mine[0]['qc_flags'] or 'ok'}{route}")
         else:
             values = [float(a) for a in areas]
-            print(f"  {path.name}: {len(mine)} frames, nerve CSA {min(values):g}-{max(values):g} {unit}")
+            print(f"  {path.name}: {len(mine)} frames, nerve CSA {min(values):g}-{max(values):g} {unit}{route}")
     print(f"results in {out}/: measurements.csv, <name>_mask.png, <name>_overlay.png; the cine loop's "
           f"<name>_overlay.mp4 and <name>_csa.png")
     # the page shows only the files opened in it (README's quick start says the same)
