@@ -303,3 +303,50 @@ def test_the_card_of_a_shipped_routed_model_says_what_the_router_was_tested_on(t
     cards = {n: json.loads((tmp_path / "package" / n / "model_card.json").read_text()) for n in ("routed", "single")}
     assert cards["routed"]["validation"] == "CV text"
     assert "router" in cards["routed"]["limits"] and "router" not in cards["single"]["limits"]
+
+
+def test_a_cine_loop_keeps_one_route_chosen_on_its_first_frames(tmp_path):
+    """A loop whose frames look like both anatomies: routed frame by frame it would switch models mid-scan
+    (a, a, b, a, b, b); a loop is one scan, so its route is chosen once, on the first chunk (3 of 4 frames
+    say a), and every frame is drawn by a."""
+    import csv
+
+    from nerveseg.inference.predictor import Predictor
+    from nerveseg.inference.segment import SegmentOptions, segment_files
+    from nerveseg.training.router import RouterFit, save_router
+    from nerveseg.training.trainer import assemble_ensemble
+    from test_calibration import make_ds, save
+
+    rng = np.random.default_rng(5)
+    bright = np.clip(rng.random((40, 52)) * 0.3 + 0.6, 0, 1).astype(np.float32)
+    yy, xx = np.mgrid[:40, :52]
+    striped = ((np.sin(xx / 2.0) > 0) * 0.8 + rng.random((40, 52)) * 0.1).astype(np.float32)
+    router = _router_between([bright, striped], 32)
+    save_router(router, RouterFit(routes=["a", "b"], size=32, images_per_route={"a": 1, "b": 1}, folds=2), tmp_path / "router")
+    model = assemble_ensemble([_member_run(tmp_path / "ra", 1), _member_run(tmp_path / "rb", 2)], tmp_path / "routed",
+                              ["a", "b"], router=tmp_path / "router")
+    routed = Predictor.from_run(model, device="cpu")
+    frames = [bright, bright, striped, bright, striped, striped]
+    as_uint8 = [np.round(f * 255).astype(np.uint8) / 255.0 for f in frames]  # what the loop's frames read back as
+    assert routed.route_many(as_uint8) == [0, 0, 1, 0, 1, 1]
+    assert routed.choose_route(as_uint8[:4]) == 0 and routed.choose_route(as_uint8[2:]) == 1
+    pinned = routed.predict_classes_many(as_uint8, route=0)
+    assert routed.last_routes == ["a"] * 6
+    alone = routed.members[0].predict_classes_many(as_uint8)
+    for got, want in zip(pinned, alone):
+        np.testing.assert_allclose(got, want, atol=1e-6)  # a's cut is the model's: its own probabilities
+    for bad in (2, -1, True, "a"):
+        with pytest.raises(ConfigError, match="member index"):
+            routed.predict_classes_many(as_uint8, route=bad)
+    loop = save(make_ds(np.stack([np.round(f * 255).astype(np.uint8) for f in frames]), frames=6), tmp_path / "loop.dcm")
+    segment_files([loop], routed, tmp_path / "seg", options=SegmentOptions(batch_size=4), log=lambda *a: None)
+    with open(tmp_path / "seg" / "measurements.csv", newline="") as f:
+        assert [r["model_route"] for r in csv.DictReader(f)] == ["a"] * 6
+    # the web page's cases hold the same loop the same way: every frame a's probabilities
+    from nerveseg.web.cases import segment_upload
+
+    case = segment_upload(loop, "loop.dcm", routed, SegmentOptions(batch_size=4), kind_group="dicom", model_label="routed",
+                          max_frames=10, max_bytes=10**8)
+    assert len(case.frames) == 6
+    for frame, want in zip(case.frames, alone):
+        np.testing.assert_allclose(frame.prob.astype(np.float32), want, atol=2e-3)  # stored as float16

@@ -216,7 +216,9 @@ class RoutedPredictor(ProbabilityPredictor):
     region removal), and its probabilities are rescaled so that its own cut
     (``member.config.inference.threshold``, chosen on cross-validation for that anatomy) falls on the
     routed model's cut: one threshold serves every route. ``last_routes`` holds the route of every image
-    of the last call, in order, for reports."""
+    of the last call, in order, for reports. A cine loop is one scan of one anatomy: callers that read one
+    choose its route once (``choose_route`` on its first frames) and pass it as ``route``, so the CSA curve
+    never switches models mid-loop."""
 
     def __init__(self, members: Sequence[ProbabilityPredictor], router: torch.nn.Module, config: RunConfig,
                  tta: bool | None = None):
@@ -231,20 +233,38 @@ class RoutedPredictor(ProbabilityPredictor):
         self.route_names = list(router.routes)
         self.last_routes: list[str] = []
 
-    def route_many(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[int]:
-        """The member index of each image."""
-        routes: list[int] = []
+    def route_probabilities(self, images: Sequence[np.ndarray], batch_size: int = 4) -> torch.Tensor:
+        """(N, routes) the router's probabilities of each image."""
+        out = [torch.zeros((0, len(self.route_names)))]
         for start in range(0, len(images), batch_size):
             x = torch.cat([to_network_input(img, self.size)[0] for img in images[start : start + batch_size]])
-            routes += [int(i) for i in self.router(x).argmax(dim=1)]
-        return routes
+            out.append(torch.softmax(self.router(x), dim=1))
+        return torch.cat(out)
+
+    def route_many(self, images: Sequence[np.ndarray], batch_size: int = 4) -> list[int]:
+        """The member index of each image."""
+        return [int(i) for i in self.route_probabilities(images, batch_size).argmax(dim=1)]
+
+    def choose_route(self, images: Sequence[np.ndarray], batch_size: int = 4) -> int:
+        """One member index for frames of one scan: the route of the router's mean probability over them."""
+        if not len(images):
+            raise ConfigError("choose_route needs at least one frame")
+        return int(self.route_probabilities(images, batch_size).mean(dim=0).argmax())
 
     @torch.inference_mode()
-    def predict_classes_many(self, images: Iterable[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+    def predict_classes_many(self, images: Iterable[np.ndarray], batch_size: int = 4,
+                             route: int | None = None) -> list[np.ndarray]:
+        """Each image's probabilities from its member; ``route`` (a member index, e.g. ``choose_route``'s
+        for a cine loop) sends every image to that member instead of routing each."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         images = list(images)
-        routes = self.route_many(images, batch_size)
+        if route is None:
+            routes = self.route_many(images, batch_size)
+        elif isinstance(route, bool) or not isinstance(route, int) or not 0 <= route < len(self.members):
+            raise ConfigError(f"route must be a member index in [0, {len(self.members)}), not {route!r}")
+        else:
+            routes = [route] * len(images)
         results: list[np.ndarray | None] = [None] * len(images)
         cut = float(self.config.inference.threshold)
         for index, member in enumerate(self.members):

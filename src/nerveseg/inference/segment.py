@@ -135,7 +135,9 @@ class _Table:
         self.written = len(rows)
 
 
-def _class_probabilities(predictor, chunk: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+def _class_probabilities(predictor, chunk: list[np.ndarray], batch_size: int, route: int | None = None) -> list[np.ndarray]:
+    if route is not None:  # a routed model's member chosen once for a whole cine loop
+        return predictor.predict_classes_many(chunk, batch_size=batch_size, route=route)
     if hasattr(predictor, "predict_classes_many"):
         return predictor.predict_classes_many(chunk, batch_size=batch_size)
     return [p[None] for p in predictor.predict_many(chunk, batch_size=batch_size)]
@@ -215,9 +217,13 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
     video_tmp = None
     finished = False
     other_names = list(getattr(predictor, "class_names", ["nerve"]))[1:]
+    route = None
     try:
         for chunk in _chunks(frames, options.batch_size):
-            chunk_probs = _class_probabilities(predictor, chunk, options.batch_size)
+            if multi and route is None and hasattr(predictor, "choose_route"):
+                # a loop is one scan of one anatomy: its route is chosen on its first frames and kept
+                route = predictor.choose_route(chunk, options.batch_size)
+            chunk_probs = _class_probabilities(predictor, chunk, options.batch_size, route)
             # a routed model (one model per anatomy) says which of its models drew each frame
             routes = list(getattr(predictor, "last_routes", None) or []) if hasattr(predictor, "route_names") else []
             for position, (image, probs) in enumerate(zip(chunk, chunk_probs)):

@@ -43,9 +43,12 @@ def class_names(predictor) -> list[str]:
     return list(getattr(predictor, "class_names", None) or ["nerve"])
 
 
-def predict_classes(predictor, images: list[np.ndarray], batch_size: int = 4) -> list[np.ndarray]:
+def predict_classes(predictor, images: list[np.ndarray], batch_size: int = 4, route: int | None = None) -> list[np.ndarray]:
     """(C, H, W) probabilities per image: ``predict_classes_many`` / ``predict_classes`` when the
-    model has them, else the nerve probability of ``predict_many`` as one class."""
+    model has them, else the nerve probability of ``predict_many`` as one class. ``route``: a routed
+    model's member for every image (one cine loop's)."""
+    if route is not None:
+        return [np.asarray(p, dtype=np.float32) for p in predictor.predict_classes_many(images, batch_size=batch_size, route=route)]
     if hasattr(predictor, "predict_classes_many"):
         return [np.asarray(p, dtype=np.float32) for p in predictor.predict_classes_many(images, batch_size=batch_size)]
     if hasattr(predictor, "predict_classes"):
@@ -255,9 +258,15 @@ def segment_upload(
         used = 0
         chunk: list[np.ndarray] = []
 
+        route = None
+        loop = meta.get("n_frames") != 1  # 0: a video that does not say its length
+
         def flush() -> None:
-            nonlocal previous
-            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size)):
+            nonlocal previous, route
+            if loop and route is None and hasattr(predictor, "choose_route"):
+                # a loop is one scan of one anatomy: a routed model's member is chosen on its first frames and kept
+                route = predictor.choose_route(chunk, options.batch_size)
+            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size, route)):
                 if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
                     prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
                 previous = prob
