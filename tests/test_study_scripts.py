@@ -225,6 +225,21 @@ def test_qc_flags_of_a_routed_model_pool_the_routes_at_their_own_cuts(tmp_path, 
         qc.main()
 
 
+def test_router_shifts_pad_crop_and_change_intensity_by_hand():
+    shift = _script("router_shift")
+    img = np.arange(15, dtype=float).reshape(3, 5) / 14
+    padded = shift._pad_square(img)
+    assert padded.shape == (5, 5) and (padded[0] == 0).all() and np.array_equal(padded[1:4], img)
+    assert np.array_equal(shift._crop_square(img), img[:, 1:4])
+    assert shift._crop(np.ones((10, 20)), 0.8, 0.8).shape == (8, 16)
+    fns = shift.shifts()
+    assert list(fns)[0] == "as it is" and fns["as it is"](img) is img
+    np.testing.assert_allclose(fns["darker (gamma 1.5)"](img), img ** 1.5)
+    low = fns["lower contrast (x0.6)"](img)
+    assert low.mean() == pytest.approx(img.mean()) and np.ptp(low) == pytest.approx(0.6 * np.ptp(img))
+    np.testing.assert_array_equal(shift.shifts()["noise (sd 0.05)"](img), fns["noise (sd 0.05)"](img))  # seeded
+
+
 # ------------------------------------------------------------------------------------------------
 # accuracy_study.sh: what a phase asks nerveseg to do, with a stand-in nerveseg on PATH
 
