@@ -347,6 +347,12 @@ def test_a_cine_loop_keeps_one_route_chosen_on_its_first_frames(tmp_path):
 
     case = segment_upload(loop, "loop.dcm", routed, SegmentOptions(batch_size=4), kind_group="dicom", model_label="routed",
                           max_frames=10, max_bytes=10**8)
-    assert len(case.frames) == 6
+    assert len(case.frames) == 6 and case.model_route == "a"
+    from nerveseg.web.routers.common import summary_json
+
+    assert summary_json(case)["model_route"] == "a"  # what the page shows as "Model route"
+    still = save(make_ds(np.round(striped * 255).astype(np.uint8)), tmp_path / "still.dcm")
+    assert segment_upload(still, "still.dcm", routed, SegmentOptions(), kind_group="dicom", model_label="routed",
+                          max_frames=10, max_bytes=10**8).model_route == "b"
     for frame, want in zip(case.frames, alone):
         np.testing.assert_allclose(frame.prob.astype(np.float32), want, atol=2e-3)  # stored as float16

@@ -128,6 +128,10 @@ def test_real_png_dicom_and_cine(real):
     assert cine["kind"] == "video" and cine["n_frames"] == 10 and cine["fps"] == pytest.approx(10)
     assert [f["frame"] for f in cine["frames"]] == list(range(10))
     assert all(f["area_px"] > 500 for f in cine["frames"])
+    # the shipped model is one model per anatomy: each case says which one drew it (a loop: one for all frames)
+    assert png["model_route"] == dcm["model_route"] == cine["model_route"] == "nerves"
+    wrist = upload(real, (EXAMPLES / "wrist_Pz010-001.png").read_bytes(), "wrist_Pz010-001.png")
+    assert wrist["model_route"] == "wrist" and wrist["frames"][0]["area_px"] > 500
     r = real.get(f"/api/cases/{cine['id']}/frames/9/overlay.png")
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(r.content)).size == (496, 480)

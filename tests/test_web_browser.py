@@ -160,6 +160,9 @@ def mask_components(server, case_id: str) -> list[tuple[int, int, int]]:
 def test_upload_see_correct_keep_and_save(page, server):
     upload(page, "usgra_0067.png")
     assert "px" in page.text_content("#csa-value")
+    # the shipped model is one model per anatomy: the page says which one drew this image
+    assert page.text_content("#m-model-route") == "nerves"
+    assert "nerves model" in page.text_content("#case-list li.selected .muted")
     before = area(page)
     assert before > 500 and int(page.get_attribute("#viewer", "data-nerve-pixels")) == before
     case_id = page.get_attribute("#case-list li.selected", "data-id")

@@ -105,6 +105,7 @@ class Case:
     created: float = field(default_factory=time.time)
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
     low_confidence: float = 0.7  # the model's cut for the low_confidence flag
+    model_route: str = ""  # a routed model's member that drew it (one per loop); "" for any other model
     model_dir: Path | None = None  # the run folder that segmented it: what its DICOM SEG names
     # a DICOM case's header without pixels (web.dicom_results.keep_header): the upload itself is
     # deleted once segmented, and its DICOM SEG/SR reference the source by the header's UIDs
@@ -260,13 +261,17 @@ def segment_upload(
 
         route = None
         loop = meta.get("n_frames") != 1  # 0: a video that does not say its length
+        routes_seen: set[str] = set()
 
         def flush() -> None:
             nonlocal previous, route
             if loop and route is None and hasattr(predictor, "choose_route"):
                 # a loop is one scan of one anatomy: a routed model's member is chosen on its first frames and kept
                 route = predictor.choose_route(chunk, options.batch_size)
-            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size, route)):
+            probs = predict_classes(predictor, chunk, options.batch_size, route)
+            if hasattr(predictor, "route_names"):
+                routes_seen.update(predictor.last_routes)
+            for image, prob in zip(chunk, probs):
                 if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
                     prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
                 previous = prob
@@ -316,6 +321,7 @@ def segment_upload(
         threshold=options.threshold, postprocess=options.postprocess, min_area_px=options.min_area_px,
         fps=fps, model=model_label, seconds=0.0, warnings=warnings, low_confidence=options.low_confidence,
         model_dir=model_dir, dicom_header=kept, dicom_header_bytes=kept_bytes, dicom_note=kept_note,
+        model_route="/".join(sorted(routes_seen)),
     )
     for index in range(len(frames)):
         case.measure(index)

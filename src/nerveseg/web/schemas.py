@@ -56,6 +56,8 @@ class CaseSummary(BaseModel):
     server_ms: float = Field(description="server time to read, segment and measure the file")
     saved_frames: int = Field(description="frames saved to the workspace as training pairs")
     edited_frames: int = Field(0, description="frames whose mask was corrected by hand")
+    model_route: str = Field("", description="which model of a routed model (one per anatomy) drew it, e.g. 'wrist'; "
+                                             "empty for a single model or an ensemble")
 
 
 class Case(CaseSummary):

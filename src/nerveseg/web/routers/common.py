@@ -84,7 +84,7 @@ def summary_json(case: Case) -> dict:
         "width": int(first.image.shape[1]), "height": int(first.image.shape[0]), "classes": case.classes,
         "qc_flags": flags, "calibrated": all(f.spacing is not None for f in case.frames), "tags": case.tags,
         "model": case.model, "server_ms": round(case.seconds * 1000, 1), "saved_frames": len(case.saved),
-        "edited_frames": sum(f.edited for f in case.frames),
+        "edited_frames": sum(f.edited for f in case.frames), "model_route": case.model_route,
     }
 
 

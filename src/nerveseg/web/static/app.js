@@ -313,7 +313,8 @@ function updateListItem(c) {
   name.textContent = c.name;
   const meta = document.createElement("div");
   meta.className = "muted";
-  meta.textContent = `${c.kind}, ${c.n_frames} frame${c.n_frames > 1 ? "s" : ""}` + (c.calibrated ? ", mm" : ", px only");
+  meta.textContent = `${c.kind}, ${c.n_frames} frame${c.n_frames > 1 ? "s" : ""}` + (c.calibrated ? ", mm" : ", px only")
+    + (c.model_route ? `, ${c.model_route} model` : "");
   const badges = document.createElement("div");
   badges.className = "badges";
   // the list says "edited" for a corrected mask, so its "corrected" flag is not repeated here
@@ -433,6 +434,8 @@ function showMeasurements(pending = false) {
   qc.append(...qcBadges(m.qc_flags));
   if (m.edited) row("Mask", "corrected" + (m.saved_as ? ", saved" : ""));
   else if (m.saved_as) row("Mask", "saved");
+  // a routed model (one per anatomy): which one drew this case, so a wrong anatomy is seen at once
+  if (c.model_route) row("Model route", c.model_route);
 }
 
 function instantArea() {
