@@ -220,13 +220,12 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
     route = None
     try:
         for chunk in _chunks(frames, options.batch_size):
-            if multi and route is None and hasattr(predictor, "choose_route"):
-                # a loop is one scan of one anatomy: its route is chosen on its first frames and kept
+            if route is None and hasattr(predictor, "choose_route"):
+                # a file is one scan of one anatomy (a loop too): a routed model's member is chosen on its first
+                # frames and kept, so the CSA curve never switches models mid-loop
                 route = predictor.choose_route(chunk, options.batch_size)
             chunk_probs = _class_probabilities(predictor, chunk, options.batch_size, route)
-            # a routed model (one model per anatomy) says which of its models drew each frame
-            routes = list(getattr(predictor, "last_routes", None) or []) if hasattr(predictor, "route_names") else []
-            for position, (image, probs) in enumerate(zip(chunk, chunk_probs)):
+            for image, probs in zip(chunk, chunk_probs):
                 if options.temporal_smoothing and previous is not None and previous.shape == probs.shape:
                     probs = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * probs
                 previous = probs
@@ -247,9 +246,9 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
                     values = _class_values(name, other, frame_spacing)
                     for row in frame_rows:
                         row.update(values)
-                if routes:
+                if route is not None:  # a routed model (one model per anatomy) says which of its models drew it
                     for row in frame_rows:
-                        row["model_route"] = routes[position]
+                        row["model_route"] = predictor.route_names[route]
                 rows.extend(frame_rows)
                 overlay = make_overlay(image, mask, others=others)
                 if multi:

@@ -260,18 +260,14 @@ def segment_upload(
         chunk: list[np.ndarray] = []
 
         route = None
-        loop = meta.get("n_frames") != 1  # 0: a video that does not say its length
-        routes_seen: set[str] = set()
 
         def flush() -> None:
             nonlocal previous, route
-            if loop and route is None and hasattr(predictor, "choose_route"):
-                # a loop is one scan of one anatomy: a routed model's member is chosen on its first frames and kept
+            if route is None and hasattr(predictor, "choose_route"):
+                # a file is one scan of one anatomy: a routed model's member is chosen on its first frames and kept
+                # (chosen here, not read back from the shared predictor, which other requests use at the same time)
                 route = predictor.choose_route(chunk, options.batch_size)
-            probs = predict_classes(predictor, chunk, options.batch_size, route)
-            if hasattr(predictor, "route_names"):
-                routes_seen.update(predictor.last_routes)
-            for image, prob in zip(chunk, probs):
+            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size, route)):
                 if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
                     prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
                 previous = prob
@@ -321,7 +317,7 @@ def segment_upload(
         threshold=options.threshold, postprocess=options.postprocess, min_area_px=options.min_area_px,
         fps=fps, model=model_label, seconds=0.0, warnings=warnings, low_confidence=options.low_confidence,
         model_dir=model_dir, dicom_header=kept, dicom_header_bytes=kept_bytes, dicom_note=kept_note,
-        model_route="/".join(sorted(routes_seen)),
+        model_route="" if route is None else predictor.route_names[route],
     )
     for index in range(len(frames)):
         case.measure(index)
