@@ -19,7 +19,7 @@
 #              epoch on the inner 20% (FOLD_VAL)
 #   nerveseg   SA-UNet and U-Net, --recipe nerveseg (Dice + BCE, poly, flips and intensity), 5 folds
 #   others     U-Net++, Attention U-Net and MultiResUNet, --recipe paper (as `paper`), as many folds as the
-#              budget allows
+#              budget allows; SA-UNet's and U-Net's finished `paper` runs are reused, not trained again
 #   tables     summarize every finished run (results.csv, summary.md with Holm-corrected Wilcoxon tests
 #              and the convergence table, roc.png, convergence.png, overlay_panel.png) without training
 # Environment: SHARED (default ../shared/data), RUNS (default runs/paper_wrist), KEEP (default
@@ -115,7 +115,28 @@ case "${1:-}" in
     ;;
   paper)    bench paper sa_unet,unet paper "$FOLD_VAL" ;;
   nerveseg) bench nerveseg sa_unet,unet nerveseg ;;
-  others)   bench paper_all sa_unet,unet,unet_pp,attention_unet,multires_unet paper "$FOLD_VAL" ;;
+  others)
+    # SA-UNet's and U-Net's runs under this recipe are `paper`'s (same recipe, length, folds, inner split and
+    # seed): reuse every finished one (its config, curve and held-out scores and masks; no weights) rather
+    # than train it again, so that the five-network table pairs the same runs the two-network one does
+    restore paper
+    if [ -f "$RUNS/paper/benchmark.json" ]; then
+      paper_epochs=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['train']['epochs'])" "$RUNS/paper/benchmark.json")
+      if [ "${EPOCHS:-$paper_epochs}" != "$paper_epochs" ]; then
+        echo "others: EPOCHS=${EPOCHS:-} differs from the paper phase's $paper_epochs; its runs could not be reused" >&2
+        exit 2
+      fi
+      for run in "$RUNS"/paper/runs/{sa_unet,unet}/*; do
+        [ -f "$run/eval/per_image.csv" ] || continue
+        dest="$RUNS/paper_all/runs/${run#"$RUNS"/paper/runs/}"
+        [ -f "$dest/eval/per_image.csv" ] && continue
+        mkdir -p "$dest"
+        cp "$run/config.json" "$run/history.csv" "$dest/"
+        cp -r "$run/eval" "$dest/"
+      done
+    fi
+    bench paper_all sa_unet,unet,unet_pp,attention_unet,multires_unet paper "$FOLD_VAL"
+    ;;
   tables)
     for phase in paper nerveseg paper_all; do
       restore "$phase"

@@ -504,6 +504,28 @@ def test_paper_wrist_nerveseg_keeps_the_last_epoch_and_tables_resume_each_phase_
     assert "--epochs 30" in by_recipe["nerveseg"] and "--fold-val-fraction" not in by_recipe["nerveseg"]
 
 
+def test_paper_wrist_others_reuses_the_paper_runs_of_sa_unet_and_unet_and_trains_only_the_three_others(tmp_path):
+    import shutil
+
+    assert _paper_wrist(tmp_path, "paper", EPOCHS="41")[0].returncode == 0  # all 10 runs of the two networks
+    shutil.rmtree(tmp_path / "runs")  # a later session: only the archive is left
+    result, calls = _paper_wrist(tmp_path, "others", EPOCHS="41")
+    assert result.returncode == 0, result.stderr
+    # job order seed, fold, arch over 5 architectures: SA-UNet (0) and U-Net (1) of every fold are reused
+    shards = [int(c.split("--shard ")[1].split("/")[0]) for c in calls]
+    assert shards == [i for i in range(25) if i % 5 >= 2]
+    assert all("--archs sa_unet,unet,unet_pp,attention_unet,multires_unet" in c and "--epochs 41" in c for c in calls)
+    keep = tmp_path / "keep" / "paper_all"
+    assert len(list(keep.glob("runs/*/*/eval/per_image.csv"))) == 25
+    assert (keep / "runs/sa_unet/seed0_fold4/eval/masks/a.png").is_file()
+    assert not list(keep.glob("runs/*/*/model.safetensors"))
+    # another length than the paper phase's could not pair with its runs: refused before any training
+    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(keep)
+    result, calls = _paper_wrist(tmp_path, "others", EPOCHS="30")
+    assert result.returncode == 2 and calls == [] and "differs from the paper phase's 41" in result.stderr
+
+
 FAKE_TRAIN = r"""#!/usr/bin/env bash
 # a stand-in `nerveseg train`: a validation curve that rises to 0.8 by epoch 10, then stays flat
 echo "$*" >> "$CALLS"

@@ -41,6 +41,7 @@ from .evaluate import (
     select_subset,
     write_per_image,
 )
+from .hard_cases import hard_case_stems
 from .metrics import RocAccumulator
 from .statistics import holm_adjust, mean_sd, paired_wilcoxon, run_level_summary
 
@@ -472,31 +473,44 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         save_roc_plot(curves, out / "roc.png")
     if convergence:
         save_convergence_plot(cfg, convergence, out / "convergence.png")
-    if finished and overlays:  # Fig. 4: the hardest and some typical images under every network
-        overlay_panel(cfg, out, pick_panel_stems(rows))
+    if finished and overlays:  # Fig. 4: the hardest, a bifid, a low-contrast and typical images, every network
+        kinds = hard_case_stems(samples, label=cfg.label)
+        overlay_panel(cfg, out, pick_panel_stems(rows, kinds=kinds))
     return {"rows": len(rows), "runs": len(finished), "planned": len(jobs), "summary": summary}
 
 
-def pick_panel_stems(rows: list[dict], n_hard: int = 3, n_typical: int = 3) -> list[str]:
-    """Images for the overlay panel: the ``n_hard`` with the lowest Dice averaged over every
-    architecture and run, then the ``n_typical`` closest to the median of those averages."""
+def pick_panel_stems(rows: list[dict], n_hard: int = 3, n_typical: int = 2,
+                     kinds: dict[str, list[str]] | None = None) -> list[tuple[str, str]]:
+    """Images for the overlay panel, each with why it is there: the ``n_hard`` with the lowest Dice
+    averaged over every architecture and run ("hardest"), then for each of ``kinds`` (a name and its
+    candidate stems, e.g. :func:`~nerveseg.evaluation.hard_cases.hard_case_stems`) the candidate with
+    the lowest mean Dice not already shown, then the ``n_typical`` closest to the median of the means
+    ("typical"). An image is shown once; a kind without a scored candidate is left out."""
     by_stem: dict[str, list[float]] = {}
     for r in rows:
         v = r.get("dice")
         if v not in (None, "", "nan") and math.isfinite(float(v)):
             by_stem.setdefault(r["stem"], []).append(float(v))
-    means = sorted((sum(v) / len(v), stem) for stem, v in by_stem.items())
-    hard = [stem for _, stem in means[:n_hard]]
-    if not means:
+    if not by_stem:
         return []
-    median = means[len(means) // 2][0]
-    typical = [stem for _, stem in sorted(means[n_hard:], key=lambda m: (abs(m[0] - median), m[1]))[:n_typical]]
-    return hard + typical
+    mean = {stem: sum(v) / len(v) for stem, v in by_stem.items()}
+    ranked = sorted(mean, key=lambda stem: (mean[stem], stem))
+    picked = [(stem, "hardest") for stem in ranked[:n_hard]]
+    for kind, candidates in (kinds or {}).items():
+        shown = {stem for stem, _ in picked}
+        left = [stem for stem in candidates if stem in mean and stem not in shown]
+        if left:
+            picked.append((min(left, key=lambda stem: (mean[stem], stem)), kind))
+    shown = {stem for stem, _ in picked}
+    median = mean[ranked[len(ranked) // 2]]
+    rest = sorted((stem for stem in ranked if stem not in shown), key=lambda stem: (abs(mean[stem] - median), stem))
+    return picked + [(stem, "typical") for stem in rest[:n_typical]]
 
 
-def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int = 0,
+def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str] | list[tuple[str, str]], seed: int = 0,
                   path: Path | None = None, tile: int = 256) -> Path | None:
-    """The paper's Fig. 4: one row per image, the image then each architecture's prediction (red)
+    """The paper's Fig. 4: one row per image (a stem, or a stem and why it is shown, written beside
+    the stem), the image then each architecture's prediction (red)
     over the expert's outline (green), each by the seed-``seed`` model of the fold that held the
     image out: its saved held-out mask (``eval/masks``) where there is one, else the run's model (so a
     benchmark whose weights were not kept, e.g. resumed from archived results, still draws its panel).
@@ -511,8 +525,9 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int =
     samples, _ = discover_samples(cfg.data_dir)
     by_stem = {s.stem: s for s in samples}
     folds = fold_assignment(samples, cfg.folds, seed)
-    archs = [a for a in cfg.archs if all(_finished(out, seed, folds[s], a) for s in stems if s in folds)]
-    stems = [s for s in stems if s in by_stem and s in folds]
+    reasons = dict(item if isinstance(item, tuple) else (item, "") for item in stems)
+    stems = [s for s in reasons if s in by_stem and s in folds]
+    archs = [a for a in cfg.archs if all(_finished(out, seed, folds[s], a) for s in stems)]
     if not archs or not stems:
         return None
     predictors: dict[tuple[str, int], Predictor] = {}
@@ -549,7 +564,8 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str], seed: int =
             w = round(cell.shape[1] * h / cell.shape[0])
             panel.paste(Image.fromarray(cell).resize((w, h), Image.BILINEAR), (x, label_h + i * h))
             x += w
-        draw.text((4, label_h + i * h + 3), stems[i], fill="yellow")
+        caption = f"{stems[i]} ({reasons[stems[i]]})" if reasons[stems[i]] else stems[i]
+        draw.text((4, label_h + i * h + 3), caption, fill="yellow")
     path = path or out / "overlay_panel.png"
     from ..io_utils import atomic_path
 
