@@ -135,12 +135,22 @@ class _Table:
         self.written = len(rows)
 
 
-def _class_probabilities(predictor, chunk: list[np.ndarray], batch_size: int, route: int | None = None) -> list[np.ndarray]:
-    if route is not None:  # a routed model's member chosen once for a whole cine loop
-        return predictor.predict_classes_many(chunk, batch_size=batch_size, route=route)
-    if hasattr(predictor, "predict_classes_many"):
-        return predictor.predict_classes_many(chunk, batch_size=batch_size)
-    return [p[None] for p in predictor.predict_many(chunk, batch_size=batch_size)]
+def class_probabilities(predictor, images: list[np.ndarray], batch_size: int = 4,
+                        route: int | None = None) -> list[np.ndarray]:
+    """(C, H, W) float32 probabilities per image, for any predictor: ``predict_classes_many`` (or
+    ``predict_classes``) when the model has them, else ``predict_many``'s nerve probability as one
+    class. ``route``: a routed model's member for every image, chosen once for a whole file (one cine
+    loop is one scan of one anatomy), passed in rather than read back from a predictor that concurrent
+    callers share."""
+    if route is not None:
+        probs = predictor.predict_classes_many(images, batch_size=batch_size, route=route)
+    elif hasattr(predictor, "predict_classes_many"):
+        probs = predictor.predict_classes_many(images, batch_size=batch_size)
+    elif hasattr(predictor, "predict_classes"):
+        probs = [predictor.predict_classes(image) for image in images]
+    else:
+        probs = [p[None] for p in predictor.predict_many(images, batch_size=batch_size)]
+    return [np.asarray(p, dtype=np.float32) for p in probs]
 
 
 def _class_values(name: str, mask: np.ndarray, spacing: Spacing | None) -> dict:
@@ -224,7 +234,7 @@ def segment_file(path: Path, stem: str, predictor, out: Path, options: SegmentOp
                 # a file is one scan of one anatomy (a loop too): a routed model's member is chosen on its first
                 # frames and kept, so the CSA curve never switches models mid-loop
                 route = predictor.choose_route(chunk, options.batch_size)
-            chunk_probs = _class_probabilities(predictor, chunk, options.batch_size, route)
+            chunk_probs = class_probabilities(predictor, chunk, options.batch_size, route)
             for image, probs in zip(chunk, chunk_probs):
                 if options.temporal_smoothing and previous is not None and previous.shape == probs.shape:
                     probs = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * probs

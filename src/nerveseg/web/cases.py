@@ -24,7 +24,7 @@ from ..data.media import read_dicom_header, read_media
 from ..errors import InputError
 from ..inference.calibration import Spacing, dicom_spacing, mask_roi, resolve_spacing
 from ..inference.measure import measurement_rows, postprocess
-from ..inference.segment import SegmentOptions, with_model_threshold
+from ..inference.segment import SegmentOptions, class_probabilities, with_model_threshold
 from .dicom_results import keep_header
 from .images import DISPLAY_SIDE, NERVE, VESSEL, shrink, thumbnail_png
 
@@ -41,19 +41,6 @@ def new_case_id() -> str:
 
 def class_names(predictor) -> list[str]:
     return list(getattr(predictor, "class_names", None) or ["nerve"])
-
-
-def predict_classes(predictor, images: list[np.ndarray], batch_size: int = 4, route: int | None = None) -> list[np.ndarray]:
-    """(C, H, W) probabilities per image: ``predict_classes_many`` / ``predict_classes`` when the
-    model has them, else the nerve probability of ``predict_many`` as one class. ``route``: a routed
-    model's member for every image (one cine loop's)."""
-    if route is not None:
-        return [np.asarray(p, dtype=np.float32) for p in predictor.predict_classes_many(images, batch_size=batch_size, route=route)]
-    if hasattr(predictor, "predict_classes_many"):
-        return [np.asarray(p, dtype=np.float32) for p in predictor.predict_classes_many(images, batch_size=batch_size)]
-    if hasattr(predictor, "predict_classes"):
-        return [np.asarray(predictor.predict_classes(img), dtype=np.float32) for img in images]
-    return [p[None] for p in predictor.predict_many(images, batch_size=batch_size)]
 
 
 @dataclass
@@ -267,7 +254,7 @@ def segment_upload(
                 # a file is one scan of one anatomy: a routed model's member is chosen on its first frames and kept
                 # (chosen here, not read back from the shared predictor, which other requests use at the same time)
                 route = predictor.choose_route(chunk, options.batch_size)
-            for image, prob in zip(chunk, predict_classes(predictor, chunk, options.batch_size, route)):
+            for image, prob in zip(chunk, class_probabilities(predictor, chunk, options.batch_size, route)):
                 if options.temporal_smoothing and previous is not None and previous.shape == prob.shape:
                     prob = options.temporal_smoothing * previous + (1 - options.temporal_smoothing) * prob
                 previous = prob
