@@ -238,3 +238,10 @@ def test_common_runs_keeps_only_splits_every_architecture_finished():
     assert "partial benchmark" in text and "1 run(s) finished by only some" in text
     assert "| unet | 0.450 ± 0.071 |" in text
     assert "trained on: x CPU" in text
+    # Table 3 also over images (mean ± SD, median) with the misses; Table 2 the pixel-pooled AUC given
+    full_rows[1]["zero_overlap"] = "1"  # sa_unet missed image b
+    text = render_summary(cfg, full_rows, {}, 0.0, 5, pooled_auc={"sa_unet": 0.97126, "unet": 0.9})
+    sa_line = next(line for line in text.splitlines() if line.startswith("| sa_unet | 0.500"))
+    assert sa_line.endswith("| 0.500 ± 0.566 (0.500) | 1 |")  # images a 0.9 and b 0.1: SD 0.8 / sqrt(2)
+    assert "| unet | 0.450 ± 0.071 | 0.450 ± 0.071 | 0.450 ± 0.071 | 0.5 ± 0.1 | 0.450 ± 0.071 (0.450) | 0 |" in text
+    assert "| 0.9713 |" in text and "| 0.9000 |" in text

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -268,7 +269,9 @@ def total_train_seconds(cfg: BenchmarkConfig, out: Path) -> float:
 
 def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_seconds: float, n_runs: int,
                    train_seconds: float = 0.0, n_planned: int | None = None, devices: list[str] | None = None,
-                   convergence: list[dict] | None = None) -> str:
+                   convergence: list[dict] | None = None, pooled_auc: dict[str, float] | None = None) -> str:
+    """summary.md. ``pooled_auc``: each architecture's ROC AUC over every held-out pixel of every
+    finished run (the paper's Fig. 3 "averaged over pixels"; roc.png draws the same curves)."""
     archs = [a for a in cfg.archs if any(r["arch"] == a for r in rows)]
     rows, left_out = common_runs(rows, archs)
     runs = {(r["arch"], r["seed"], r["fold"]) for r in rows}
@@ -302,19 +305,24 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
         "",
         "## Segmentation (the paper's Table 3)",
         "",
-        "| architecture | precision | recall | DSC | HD (px) |",
-        "| --- | --- | --- | --- | --- |",
+        "| architecture | precision | recall | DSC | HD (px) | DSC over images: mean ± SD (median) | misses |",
+        "| --- | --- | --- | --- | --- | --- | ---: |",
     ]
     for arch in archs:
         arch_rows = [r for r in rows if r["arch"] == arch]
         cells = [_pm(*run_level_summary(arch_rows, m)[:2], digits=1 if m == "hd" else 3) for m in ("precision", "recall", "dice", "hd")]
+        dice = [float(r["dice"]) for r in arch_rows if r["dice"] not in ("", "nan") and math.isfinite(float(r["dice"]))]
+        mean, sd, n = mean_sd(dice)
+        cells.append(f"{_pm(mean, sd)} ({float(np.median(dice)):.3f})" if n else "n/a")
+        cells.append(str(sum(1 for r in arch_rows if r["area_truth_px"] not in ("", "0") and float(r["zero_overlap"]) == 1)))
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "## All metrics and efficiency (the paper's Table 2)",
         "",
-        "| architecture | HD95 (px) | AUC (mean per image) | zero-overlap rate | images | params | GFLOPs @512 | CPU ms @512 |",
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
+        "| architecture | HD95 (px) | AUC (mean per image) | AUC (pooled over pixels) | zero-overlap rate | images | params | "
+        "GFLOPs @512 | CPU ms @512 |",
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for arch in archs:
         arch_rows = [r for r in rows if r["arch"] == arch]
@@ -323,7 +331,7 @@ def render_summary(cfg: BenchmarkConfig, rows: list[dict], eff: dict, wall_secon
         ms = f"{e['cpu_ms']:.0f}" if e.get("cpu_ms") is not None else "n/a"
         lines.append(
             f"| {arch} | {_pm(*run_level_summary(arch_rows, 'hd95')[:2], digits=1)} | {_pm(*run_level_summary(arch_rows, 'auc')[:2])} | "
-            f"{(sum(zero) / len(zero) if zero else math.nan):.4f} | {len(arch_rows)} | {e.get('params', 0):,} | "
+            f"{(pooled_auc or {}).get(arch, math.nan):.4f} | {(sum(zero) / len(zero) if zero else math.nan):.4f} | {len(arch_rows)} | {e.get('params', 0):,} | "
             f"{e.get('gflops_512', math.nan):.2f} | {ms} |"
         )
     if "sa_unet" in archs and len(archs) > 1:
@@ -458,9 +466,6 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         log(f"summary over {len(finished)} of {len(jobs)} runs: the others have not finished")
     eff = efficiency(cfg.archs, out / "efficiency.json", latency=measure_latency)
     convergence = run_convergence(cfg, out, finished)
-    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(finished), total_train_seconds(cfg, out),
-                             n_planned=len(jobs), devices=training_devices(cfg, out), convergence=convergence)
-    atomic_write_text(out / "summary.md", summary)
     curves: dict[str, RocAccumulator] = {}
     for seed, fold, arch in finished:
         roc = load_roc_histograms(run_dir_for(out, arch, seed, fold) / "eval" / "roc.npz")
@@ -469,6 +474,10 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
             curves[arch].neg_hist += roc.neg_hist
         else:
             curves[arch] = roc
+    summary = render_summary(cfg, rows, eff, time.perf_counter() - t0, len(finished), total_train_seconds(cfg, out),
+                             n_planned=len(jobs), devices=training_devices(cfg, out), convergence=convergence,
+                             pooled_auc={arch: roc.auc() for arch, roc in curves.items()})
+    atomic_write_text(out / "summary.md", summary)
     if curves:
         save_roc_plot(curves, out / "roc.png")
     if convergence:
