@@ -574,6 +574,8 @@ def overlay_panel(cfg: BenchmarkConfig, out: Path, stems: list[str] | list[tuple
             panel.paste(Image.fromarray(cell).resize((w, h), Image.BILINEAR), (x, label_h + i * h))
             x += w
         caption = f"{stems[i]} ({reasons[stems[i]]})" if reasons[stems[i]] else stems[i]
+        # on a black box: the top of an ultrasound frame is often bright, where yellow alone cannot be read
+        draw.rectangle(draw.textbbox((4, label_h + i * h + 3), caption), fill="black")
         draw.text((4, label_h + i * h + 3), caption, fill="yellow")
     path = path or out / "overlay_panel.png"
     from ..io_utils import atomic_path
