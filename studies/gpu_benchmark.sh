@@ -5,18 +5,22 @@
 # Finished runs are never redone, so an interrupted call can be repeated.
 #
 # Usage: bash studies/gpu_benchmark.sh [DATA] [OUT]
-# Protocol (env vars): SEEDS=3 FOLDS=5 EPOCHS=30 SIZE=256 (the paper's recipe), WORKERS=16 (not a multiple of the 5 architectures, so each worker gets a mix of fast and slow ones),
+# Protocol (env vars): SEEDS=3 FOLDS=5 EPOCHS=30 SIZE=256 (the paper's recipe), RECIPE=paper (any of
+# `nerveseg recipes`), FOLD_VAL (unset: the last epoch; e.g. 0.2: each run's best epoch on a subject-grouped
+# 20% of its training folds), WORKERS=16 (not a multiple of the 5 architectures, so each worker gets a mix of fast and slow ones),
 # TIME_LIMIT=480 seconds for the training phase (what has finished by then is summarized; rerun to
 # finish the rest), NERVESEG="nerveseg" (e.g. "python3 -m nerveseg" where it is not installed).
-case "${1:-}" in -h|--help) sed -n '2,10p' "$0"; exit 0 ;; esac  # the header above is the usage
+case "${1:-}" in -h|--help) sed -n '2,12p' "$0"; exit 0 ;; esac  # the header above is the usage
 set -uo pipefail
 DATA=${1:-../shared/data/usgra-seg}
 OUT=${2:-runs/bench_gpu}
 SEEDS=${SEEDS:-3}; FOLDS=${FOLDS:-5}; EPOCHS=${EPOCHS:-30}; SIZE=${SIZE:-256}
 WORKERS=${WORKERS:-16}; TIME_LIMIT=${TIME_LIMIT:-480}; NERVESEG=${NERVESEG:-nerveseg}
 ARCHS=${ARCHS:-sa_unet,unet,unet_pp,attention_unet,multires_unet}
-common=(--data "$DATA" --label 1 --archs "$ARCHS" --seeds "$SEEDS" --folds "$FOLDS" --epochs "$EPOCHS" --size "$SIZE"
-        --out "$OUT" --quiet --resume --no-latency)
+RECIPE=${RECIPE:-paper}; FOLD_VAL=${FOLD_VAL:-}
+common=(--data "$DATA" --label 1 --archs "$ARCHS" --recipe "$RECIPE" --seeds "$SEEDS" --folds "$FOLDS" --epochs "$EPOCHS"
+        --size "$SIZE" --out "$OUT" --quiet --resume --no-latency)
+[ -n "$FOLD_VAL" ] && common+=(--fold-val-fraction "$FOLD_VAL")
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/gpu.txt" 2>/dev/null || echo "CPU (no nvidia-smi)" > "$OUT/gpu.txt"
 cat "$OUT/gpu.txt"

@@ -526,6 +526,34 @@ def test_paper_wrist_others_reuses_the_paper_runs_of_sa_unet_and_unet_and_trains
     assert result.returncode == 2 and calls == [] and "differs from the paper phase's 41" in result.stderr
 
 
+FAKE_GPU_BENCHMARK = r"""#!/usr/bin/env bash
+# a stand-in `nerveseg benchmark` for the GPU drivers: logs its call; a summary for --collect-only
+echo "$*" >> "$CALLS"
+while [ $# -gt 0 ]; do case "$1" in --out) out=$2;; --collect-only) collect=1;; esac; shift; done
+mkdir -p "$out"
+[ -n "${collect:-}" ] && echo "| table of $out |" > "$out/summary.md"
+exit 0
+"""
+
+
+def test_gpu_paper_wrist_runs_both_recipes_at_once_with_their_own_protocol(tmp_path):
+    out = tmp_path / "gpu"
+    result, calls = _run_driver(tmp_path, FAKE_GPU_BENCHMARK, [str(STUDIES / "gpu_paper_wrist.sh"), str(out)],
+                                SHARED=str(tmp_path / "shared"), WORKERS_PAPER="3", WORKERS_NERVESEG="2")
+    assert result.returncode == 0, result.stderr
+    paper = [c for c in calls if f"--out {out}/paper " in c + " "]
+    nerveseg = [c for c in calls if f"--out {out}/nerveseg " in c + " "]
+    assert len(paper) == 3 + 2 and len(nerveseg) == 2 + 2  # workers + the initial and the final collect
+    assert all("--archs sa_unet,unet,unet_pp,attention_unet,multires_unet --recipe paper" in c for c in paper)
+    assert all("--epochs 41" in c and "--fold-val-fraction 0.2" in c and "--seeds 3" in c for c in paper)
+    assert all("--archs sa_unet,unet --recipe nerveseg" in c and "--epochs 60" in c for c in nerveseg)
+    assert not any("--fold-val-fraction" in c for c in nerveseg)  # the last epoch is kept
+    assert all(f"--data {tmp_path}/shared/mn-wrist" in c for c in calls)
+    shards = sorted(c.split("--shard ")[1].split()[0] for c in paper if "--shard" in c)
+    assert shards == ["0/3", "1/3", "2/3"]
+    assert f"| table of {out}/paper |" in result.stdout and f"| table of {out}/nerveseg |" in result.stdout
+
+
 FAKE_TRAIN = r"""#!/usr/bin/env bash
 # a stand-in `nerveseg train`: a validation curve that rises to 0.8 by epoch 10, then stays flat
 echo "$*" >> "$CALLS"
