@@ -47,7 +47,7 @@ def boundary_contrast(image: np.ndarray, mask: np.ndarray, ring_px: int = 10) ->
     return float(abs(grey[mask].mean() - grey[ring].mean()) / max(spread, 1e-6))
 
 
-def hard_case_stems(samples: Iterable[Sample], label: int = 1, low_contrast_fraction: float = 0.1,
+def hard_case_stems(samples: Iterable[Sample], label: int | str | None = 1, low_contrast_fraction: float = 0.1,
                     ring_px: int = 10) -> dict[str, list[str]]:
     """{"bifid": stems whose mask has two or more regions, "low contrast": the ``low_contrast_fraction``
     of stems with the lowest boundary contrast (at least one), lowest first}. Images whose mask or
