@@ -24,7 +24,8 @@
 #              and the convergence table, roc.png, convergence.png, overlay_panel.png) without training
 # Environment: SHARED (default ../shared/data), RUNS (default runs/paper_wrist), KEEP (default
 # docs/results/paper_wrist), SEEDS (default 1), EPOCHS (default the recipe's), FOLD_VAL (default 0.2), SHARD (I/N: this process
-# trains every N-th run from the I-th; several processes may share a folder), THREADS (default 2).
+# trains every N-th run from the I-th; several processes may share a folder), THREADS (default 2), COMPILE
+# (a torch.compile mode for the training step, e.g. default: a speed setting, recorded in each run's config).
 set -euo pipefail
 SHARED=${SHARED:-../shared/data}
 RUNS=${RUNS:-runs/paper_wrist}
@@ -79,6 +80,8 @@ bench() {  # bench PHASE ARCHS RECIPE [INNER]: one benchmark call per run of thi
   local epochs=()
   [ -n "${EPOCHS:-}" ] && epochs=(--epochs "$EPOCHS")
   [ -n "$inner" ] && epochs+=(--fold-val-fraction "$inner")
+  local speed=(--threads "$THREADS")
+  [ -n "${COMPILE:-}" ] && speed+=(--compile "$COMPILE")
   local names
   IFS=',' read -r -a names <<< "$archs"
   for ((i = first; i < total; i += step)); do
@@ -88,7 +91,7 @@ bench() {  # bench PHASE ARCHS RECIPE [INNER]: one benchmark call per run of thi
     local resume=()
     [ -f "$out/benchmark.json" ] && resume=(--resume)
     nerveseg benchmark --data "$WRIST" --label 1 --archs "$archs" --recipe "$recipe" --seeds "$SEEDS" --folds 5 \
-      --threads "$THREADS" --shard "$i/$total" --out "$out" --quiet "${resume[@]}" "${epochs[@]}"
+      "${speed[@]}" --shard "$i/$total" --out "$out" --quiet "${resume[@]}" "${epochs[@]}"
     archive "$phase"
   done
 }

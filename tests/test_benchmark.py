@@ -198,6 +198,12 @@ def test_shards_split_the_runs_and_collect_only_summarizes_what_finished(tmp_pat
     assert main(base + ["--collect-only"]) == 0
     assert not (out / "runs" / "unet").exists()
     assert "summary over 2 of 4 runs" in capsys.readouterr().err
+    # threads and compilation are speed settings a later session may change; the recipe is not
+    assert main(base + ["--collect-only", "--compile", "default", "--threads", "1"]) == 0
+    assert json.loads((out / "benchmark.json").read_text())["train"]["compile"] == "default"
+    capsys.readouterr()
+    assert main(base + ["--collect-only", "--lr", "0.01"]) == 2
+    assert "the recipe differs" in capsys.readouterr().err
 
     assert main(base + ["--shard", "1/2"]) == 0
     assert main(base + ["--collect-only"]) == 0

@@ -72,7 +72,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     given = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, schedule=args.schedule,
                  augment=None if args.augment is None else tuple(a for a in args.augment.split(",") if a))
     train_values.update({k: v for k, v in given.items() if v is not None})
-    train_values.update(num_threads=args.threads, device=args.device, sync_batchnorm=args.sync_bn,
+    train_values.update(num_threads=args.threads, device=args.device, sync_batchnorm=args.sync_bn, compile=args.compile,
                         checkpoint="last" if args.fold_val_fraction is None else "best")
     config = BenchmarkConfig(
         data_dir=str(Path(args.data).resolve()),
@@ -157,6 +157,9 @@ def add_benchmark(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronised BatchNorm (see `train --sync-bn`)")
+    p.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                   help="torch.compile each run's training step (as `train --compile`); a speed setting, not part "
+                        "of the recipe: a resumed benchmark may change it")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true", help="continue; finished runs are not redone")

@@ -425,10 +425,10 @@ def run_benchmark(cfg: BenchmarkConfig, out_dir: str | Path, resume: bool = Fals
         if not resume:
             raise ConfigError(f"{out} already holds a benchmark; pass --resume to continue it or choose another --out")
         saved = BenchmarkConfig.from_dict(json.loads(saved_path.read_text()))
-        # threads and device change the speed, not the recipe: workers may differ in them
+        # threads, device and compilation change the speed, not the recipe: workers may differ in them
         def recipe(c: BenchmarkConfig):
             return (c.data_dir, c.label, c.folds, c.fold_val_fraction, c.preprocess,
-                    replace(c.train, num_threads=None, device="auto"))
+                    replace(c.train, num_threads=None, device="auto", compile=None))
 
         if recipe(saved) != recipe(cfg):
             raise ConfigError(f"{out}: the recipe differs from the saved benchmark.json; use another --out")
