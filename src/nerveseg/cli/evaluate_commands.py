@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..config import COMPILE_MODES
 from ..errors import ConfigError
 from .common import _is_main_process, _label, _names, _positive_float
 
@@ -157,7 +158,7 @@ def add_benchmark(sub) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--sync-bn", action="store_true", help="under torchrun: synchronised BatchNorm (see `train --sync-bn`)")
-    p.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile each run's training step (as `train --compile`); a speed setting, not part "
                         "of the recipe: a resumed benchmark may change it")
     p.add_argument("--no-latency", action="store_true", help="skip the CPU latency measurement")

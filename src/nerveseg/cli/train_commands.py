@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..config import COMPILE_MODES
 from ..errors import ConfigError, NerveSegError
 from .common import _is_main_process, _json_object, _label, _labels, _names
 
@@ -204,7 +205,7 @@ def add_train(sub) -> None:
     p.add_argument("--loader-workers", type=int, default=None, help="DataLoader processes for --data-cache disk (default 2)")
     p.add_argument("--sync-bn", action="store_true", default=None,
                    help="under torchrun: BatchNorm statistics of the global batch rather than each process's share")
-    p.add_argument("--compile", default=None, choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+    p.add_argument("--compile", default=None, choices=COMPILE_MODES,
                    help="torch.compile the training step (GPU: reduce-overhead replays CUDA graphs; see docs/SCALE.md)")
     p.add_argument("--no-amp", action="store_true", help="train in float32 (default: bf16 autocast)")
     p.add_argument("--no-channels-last", action="store_true")
